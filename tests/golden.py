@@ -1,0 +1,88 @@
+"""Replay of ../shared/golden cases (protocol in golden/FORMAT.md) against caffe2torch."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_root() -> Path:
+    """The shared reference data: $CAFFE2TORCH_SHARED or ../shared; missing data fails."""
+    path = Path(os.environ.get("CAFFE2TORCH_SHARED", ROOT.parent / "shared"))
+    if not (path / "golden").is_dir():
+        pytest.fail(f"shared reference data not found at {path} (set CAFFE2TORCH_SHARED)")
+    return path
+
+
+def cases(group: str) -> list[str]:
+    """Case folder names of ``golden/<group>`` (fails when the folder is missing)."""
+    path = Path(os.environ.get("CAFFE2TORCH_SHARED", ROOT.parent / "shared")) / "golden" / group
+    if not path.is_dir():
+        return ["<missing golden data: set CAFFE2TORCH_SHARED>"]
+    return sorted(p.name for p in path.iterdir() if (p / "case.json").is_file())
+
+
+def _recipe(case_dir: Path) -> dict[str, list[np.ndarray]]:
+    spec = importlib.util.spec_from_file_location("golden_recipe", shared_root() / "golden" / "recipe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.recipe_params(str(case_dir))
+
+
+def _close(what: str, ours: np.ndarray, theirs: np.ndarray, rtol: float, atol: float) -> None:
+    ours = np.asarray(ours)
+    assert ours.shape == theirs.shape, f"{what}: shape {list(ours.shape)}, Caffe {list(theirs.shape)}"
+    np.testing.assert_allclose(ours, theirs, rtol=rtol, atol=atol, err_msg=what)
+
+
+def replay(group: str, name: str) -> None:
+    """Build the case's net, feed its inputs, and compare forward, params and backward."""
+    import caffe2torch as caffe
+
+    case_dir = shared_root() / "golden" / group / name
+    assert case_dir.is_dir(), f"golden case {case_dir} is missing"
+    spec = json.loads((case_dir / "case.json").read_text())
+    rtol, atol = spec.get("rtol", 1e-5), spec.get("atol", 1e-6)
+    phase = caffe.TRAIN if spec.get("phase") == "TRAIN" else caffe.TEST
+    weights = case_dir / spec["weights"] if spec.get("weights") else None
+    net = caffe.Net(str(case_dir / spec["model"]), phase, weights=weights,
+                    level=spec.get("level", 0), stages=spec.get("stages", []))
+    if spec.get("weights_recipe"):
+        for layer, values in _recipe(case_dir).items():
+            for i, value in enumerate(values):
+                net.params[layer][i].data[...] = value
+    blobs = np.load(case_dir / "blobs.npz")
+    for name_ in net.inputs:
+        value = blobs[f"data/{name_}"]
+        net.blobs[name_].reshape(*value.shape)
+        net.blobs[name_].data[...] = value
+    net.reshape()
+    net.forward()
+    for key in blobs.files:
+        kind, _, rest = key.partition("/")
+        if kind == "data":
+            _close(key, net.blobs[rest].data, blobs[key], rtol, atol)
+        elif kind == "param":
+            layer, i = rest.rsplit("/", 1)
+            _close(key, net.params[layer][int(i)].data, blobs[key], rtol, atol)
+    if not spec.get("backward"):
+        return
+    for blob in spec.get("topdiff", []):
+        net.blobs[blob].diff[...] = blobs[f"topdiff/{blob}"]
+    for params in net.params.values():
+        for p in params:
+            p.diff[...] = 0
+    net.backward()
+    for key in blobs.files:
+        kind, _, rest = key.partition("/")
+        if kind == "diff":
+            _close(key, net.blobs[rest].diff, blobs[key], rtol, atol)
+        elif kind == "param_diff":
+            layer, i = rest.rsplit("/", 1)
+            _close(key, net.params[layer][int(i)].diff, blobs[key], rtol, atol)
