@@ -3,28 +3,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import shared_dir
 
-
-def shared_root() -> Path:
-    """The shared reference data: $CAFFE2TORCH_SHARED or ../shared; missing data fails."""
-    path = Path(os.environ.get("CAFFE2TORCH_SHARED", ROOT.parent / "shared"))
-    if not (path / "golden").is_dir():
-        pytest.fail(f"shared reference data not found at {path} (set CAFFE2TORCH_SHARED)")
-    return path
+shared_root = shared_dir
 
 
 def cases(group: str) -> list[str]:
-    """Case folder names of ``golden/<group>`` (fails when the folder is missing)."""
-    path = Path(os.environ.get("CAFFE2TORCH_SHARED", ROOT.parent / "shared")) / "golden" / group
-    if not path.is_dir():
-        return ["<missing golden data: set CAFFE2TORCH_SHARED>"]
+    """Case folder names of ``golden/<group>``; missing data fails collection loudly."""
+    path = shared_dir() / "golden" / group
     return sorted(p.name for p in path.iterdir() if (p / "case.json").is_file())
 
 
