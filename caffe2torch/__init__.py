@@ -11,12 +11,14 @@ from typing import Iterable
 from .compiler import CaffeNet
 from .errors import CaffeError, FormatError, NetError
 from .layers import layer_type_list
+from .mode import set_device, set_mode_cpu, set_mode_gpu, set_random_seed
 from .net import TEST, TRAIN, Blob, Net, compile_net
 from .proto import caffe_pb2
 from .weights import copy_weights
 
 __all__ = ["CaffeNet", "CaffeError", "FormatError", "NetError", "Net", "Blob", "TRAIN", "TEST",
-           "caffe_pb2", "layer_type_list", "load"]
+           "caffe_pb2", "layer_type_list", "load", "set_device", "set_mode_cpu", "set_mode_gpu",
+           "set_random_seed"]
 
 
 def load(model: str | Path | caffe_pb2.NetParameter, weights: str | Path | None = None,

@@ -84,6 +84,8 @@ class CaffeNet(nn.Module):
         self.phase = graph.state.phase
         self.force_backward = graph.force_backward
         self.layers = nn.ModuleDict()
+        # Empty buffer that follows .to(): tells where data-layer outputs must be moved.
+        self.register_buffer("_device_marker", torch.empty(0), persistent=False)
         self.steps: list[Step] = []
         self.blob_shapes: dict[str, Shape] = {}
         self.learnable: list[LearnableParam] = []
@@ -251,6 +253,9 @@ class CaffeNet(nn.Module):
                     args.append(value if down else value.detach())
                 out = self.layers[step.key](*args)
                 outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+                if not step.bottoms:  # data layers read on the CPU side
+                    where = self._device_marker.device
+                    outs = tuple(o.to(where, non_blocking=True) for o in outs)
                 for blob, value in zip(step.tops, outs):
                     env[blob] = value
             for value, weight in zip(outs, step.loss_weights):

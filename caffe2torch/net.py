@@ -20,11 +20,32 @@ from .compiler import AUTOMATIC_TOP, CaffeNet
 from .errors import NetError
 from .formats import read_net
 from .graph import build_graph, make_state
+from .mode import device as mode_device
 from .proto import caffe_pb2
 from .weights import copy_weights, save_caffemodel
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
+
+
+class _DeviceArray(np.ndarray):
+    """Host copy of a GPU tensor whose item assignment writes through to the tensor."""
+
+    _tensor: torch.Tensor
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        with torch.no_grad():
+            self._tensor.copy_(torch.from_numpy(np.asarray(self)).view(self._tensor.shape))
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A writable numpy view (CPU) or write-through host copy (other devices) of ``tensor``."""
+    if tensor.device.type == "cpu":
+        return tensor.numpy()
+    array = tensor.detach().cpu().numpy().view(_DeviceArray)
+    array._tensor = tensor
+    return array
 
 
 class Blob:
@@ -86,6 +107,14 @@ class ParamBlob(Blob):
     @property
     def _param(self) -> torch.Tensor:
         return self._owner[self._index]
+
+    @property
+    def data(self) -> np.ndarray:
+        return _numpy(self._data)
+
+    @property
+    def diff(self) -> np.ndarray:
+        return _numpy(self._diff)
 
     @property
     def _data(self) -> torch.Tensor:  # type: ignore[override]
@@ -159,6 +188,7 @@ class Net:
                                                                     stages or ())
         if weights is not None:
             copy_weights(self.module, weights)
+        self.module.to(mode_device())
         self._build_views()
 
     # -- structure ----------------------------------------------------------------------
@@ -189,6 +219,13 @@ class Net:
     def phase(self) -> int:
         return self.module.phase
 
+    @property
+    def device(self) -> torch.device:
+        """Where the module's parameters live (the mode's device when it was built)."""
+        for param in self.module.parameters():
+            return param.device
+        return mode_device()
+
     def _index(self, name: str | None, default: int) -> int:
         return default if name is None else self.module.layer_index(name)
 
@@ -215,8 +252,9 @@ class Net:
         grad = self._needs_grad() and torch.is_grad_enabled()
         feed: dict[str, torch.Tensor] = {}
         names = self.inputs if first == 0 else list(self.blobs)
+        where = self.device
         for name in names:
-            tensor = self.blobs[name]._data
+            tensor = self.blobs[name]._data.to(where)
             if grad and self.module.force_backward:
                 tensor = tensor.detach().requires_grad_(True)
             feed[name] = tensor
