@@ -1,0 +1,56 @@
+"""The PyTorch face: a compiled net is an ordinary nn.Module (devices, state_dict,
+autograd, torch.jit.trace, torch.compile, ONNX export)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+import caffe2torch
+from conftest import shared_dir
+
+
+@pytest.fixture(scope="module")
+def lenet() -> caffe2torch.CaffeNet:
+    case = shared_dir() / "golden" / "nets" / "lenet"
+    return caffe2torch.load(case / "net.prototxt", case / "weights.caffemodel").eval()
+
+
+def _input(model: caffe2torch.CaffeNet) -> torch.Tensor:
+    torch.manual_seed(3)
+    return torch.randn(model.blob_shapes[model.input_names[0]])
+
+
+def test_state_dict_round_trip_and_autograd(lenet):
+    x = _input(lenet)
+    clone = caffe2torch.load(shared_dir() / "golden" / "nets" / "lenet" / "net.prototxt")
+    clone.load_state_dict(lenet.state_dict())
+    torch.testing.assert_close(clone(x), lenet(x))
+    x.requires_grad_(True)
+    lenet(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_jit_trace_matches_eager(lenet):
+    x = _input(lenet)
+    traced = torch.jit.trace(lenet, (x,), strict=False)
+    torch.testing.assert_close(traced(x), lenet(x))
+
+
+def test_torch_compile_matches_eager(lenet):
+    x = _input(lenet)
+    compiled = torch.compile(lenet)
+    torch.testing.assert_close(compiled(x), lenet(x), rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_export_runs_in_onnxruntime(lenet):
+    x = _input(lenet)
+    buffer = io.BytesIO()
+    torch.onnx.export(lenet, (x,), buffer, dynamo=False, input_names=lenet.input_names,
+                      output_names=lenet.output_names)
+    session = onnxruntime.InferenceSession(buffer.getvalue())
+    (ours,) = session.run(None, {lenet.input_names[0]: x.numpy()})
+    np.testing.assert_allclose(ours, lenet(x).detach().numpy(), rtol=1e-5, atol=1e-6)
