@@ -1,0 +1,311 @@
+"""Convolution, Deconvolution and Im2col: Caffe's N-D convolution geometry on torch's conv ops.
+
+The geometry rules are ``BaseConvolutionLayer::LayerSetUp`` (base_conv_layer.cpp): a
+channel ``axis`` (default 1; the axes before it are batch axes, the axes after it
+spatial), per-axis ``kernel_size``/``stride``/``pad``/``dilation`` given once or once
+per spatial axis, or the 2-D-only ``kernel_h/w``, ``stride_h/w``, ``pad_h/w``.
+``force_nd_im2col`` picks Caffe's N-D im2col code path; the maths is the same.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..proto import caffe_pb2
+from .base import CaffeLayer, LayerSpec, Shape
+from .registry import register
+
+
+def canonical_axis(layer: CaffeLayer, axis: int, num_axes: int, field: str = "axis") -> int:
+    """Caffe's ``Blob::CanonicalAxisIndex``: -num_axes <= axis < num_axes, negatives count back."""
+    if not -num_axes <= axis < num_axes:
+        raise layer.error(f"{field} is out of range for a {num_axes}-D bottom: expected "
+                          f"{-num_axes} <= {field} < {num_axes}, got {axis}")
+    return axis + num_axes if axis < 0 else axis
+
+
+def filler_of(message, field: str) -> caffe_pb2.FillerParameter | None:
+    """The filler set in ``message.field``, or None (Caffe's default: constant 0)."""
+    return getattr(message, field) if message.HasField(field) else None
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Where the channels are and how the window moves along each spatial axis."""
+
+    channel_axis: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    pad: tuple[int, ...]
+    dilation: tuple[int, ...]
+
+    def extent(self, i: int) -> int:
+        """Span of the dilated kernel along spatial axis ``i``."""
+        return self.dilation[i] * (self.kernel[i] - 1) + 1
+
+    def conv_out(self, layer: CaffeLayer, spatial: Sequence[int]) -> tuple[int, ...]:
+        """``(in + 2*pad - extent) / stride + 1`` per axis (ConvolutionLayer::compute_output_shape).
+
+        Caffe would truncate a negative numerator toward zero; a kernel wider than the
+        padded input is refused instead.
+        """
+        out = []
+        for i, size in enumerate(spatial):
+            span = size + 2 * self.pad[i] - self.extent(i)
+            if span < 0:
+                raise layer.error(f"kernel extent {self.extent(i)} on spatial axis {i} exceeds the "
+                                  f"padded input: expected at most {size + 2 * self.pad[i]} "
+                                  f"(size {size} + 2*pad {self.pad[i]}), got {self.extent(i)}")
+            out.append(span // self.stride[i] + 1)
+        return tuple(out)
+
+
+def _axis_values(layer: CaffeLayer, p: caffe_pb2.ConvolutionParameter, name: str, hw: str | None,
+                 num_spatial: int, default: int | None) -> tuple[int, ...]:
+    """One value per spatial axis from a repeated field or its ``<hw>_h``/``<hw>_w`` pair."""
+    values = list(getattr(p, name))
+    if hw is not None and (p.HasField(f"{hw}_h") or p.HasField(f"{hw}_w")):
+        if num_spatial != 2:
+            raise layer.error(f"{hw}_h/{hw}_w can only be used for 2-D convolution: expected 2 "
+                              f"spatial axes, got {num_spatial}")
+        if values:
+            raise layer.error(f"give either {name} or {hw}_h/{hw}_w, not both")
+        return int(getattr(p, f"{hw}_h")), int(getattr(p, f"{hw}_w"))
+    if not values:
+        if default is None and num_spatial:
+            raise layer.error(f"{name} is required: give it once or once per spatial axis "
+                              f"({num_spatial}), or {hw}_h and {hw}_w")
+        return (default,) * num_spatial
+    if len(values) not in (1, num_spatial):
+        raise layer.error(f"{name} must be given once or once per spatial axis: expected 1 or "
+                          f"{num_spatial} values, got {len(values)}")
+    return tuple(int(v) for v in (values * num_spatial if len(values) == 1 else values))
+
+
+def conv_geometry(layer: CaffeLayer, shape: Shape, *, min_spatial: int = 0) -> ConvGeometry:
+    """Parse ``convolution_param`` for a bottom of ``shape`` with Caffe's checks."""
+    p = layer.param.convolution_param
+    axis = canonical_axis(layer, p.axis, len(shape))
+    num_spatial = len(shape) - axis - 1
+    if num_spatial < min_spatial:
+        raise layer.error(f"needs at least {min_spatial} spatial axis after channel axis {axis}: "
+                          f"bottom shape {list(shape)} has {num_spatial}")
+    kernel = _axis_values(layer, p, "kernel_size", "kernel", num_spatial, None)
+    stride = _axis_values(layer, p, "stride", "stride", num_spatial, 1)
+    pad = _axis_values(layer, p, "pad", "pad", num_spatial, 0)
+    dilation = _axis_values(layer, p, "dilation", None, num_spatial, 1)
+    for name, values in (("kernel size", kernel), ("stride", stride), ("dilation", dilation)):
+        if any(v <= 0 for v in values):
+            raise layer.error(f"{name} must be positive on every spatial axis, got {list(values)}")
+    return ConvGeometry(axis, kernel, stride, pad, dilation)
+
+
+@contextmanager
+def _without_mkldnn() -> Iterator[None]:
+    """Let ATen pick its im2col + GEMM CPU kernels instead of oneDNN for the block."""
+    previous = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(previous)
+
+
+class _CaffeWeightGradConv(torch.autograd.Function):
+    """A CPU convolution whose weight and bias gradients are summed image by image.
+
+    Caffe accumulates ``weight_diff += top_diff_n x col(bottom_n)^T`` one image at a
+    time (BaseConvolutionLayer::weight_cpu_gemm); ATen's im2col kernels do the same,
+    while oneDNN's blocked reduction over the batch is several times less precise (about
+    1.5e-6 against 3e-7 relative on 3x3 layers). The forward and the bottom gradient
+    keep the fast default kernels, whose error is at Caffe's level.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                conf: tuple) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.conf = conf
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        return torch.ops.aten.convolution(x, weight, bias, *conf)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, *ctx.conf, [True, False, False])[0]
+        if need_w or need_b:
+            with _without_mkldnn():
+                _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                    grad, x, weight, ctx.bias_sizes, *ctx.conf, [False, need_w, need_b])
+        return grad_x, grad_w, grad_b, None
+
+
+class _ConvolutionBase(CaffeLayer):
+    """Shared set-up of Convolution and Deconvolution (they differ in weight layout and op).
+
+    Like Caffe, several bottoms of one shape may be given; each gives its own top with
+    the same weights.
+    """
+
+    min_bottoms = 1
+    min_tops = 1
+    transposed = False
+
+    def __init__(self, spec: LayerSpec):
+        super().__init__(spec)
+        p = spec.param.convolution_param
+        if len(spec.param.top) != len(spec.param.bottom):
+            raise self.error(f"needs one top per bottom: expected {len(spec.param.bottom)} top(s), "
+                             f"got {len(spec.param.top)}")
+        shape = spec.bottom_shapes[0]
+        for other in spec.bottom_shapes[1:]:
+            if other != shape:
+                raise self.error(f"all bottoms must have the same shape: expected {list(shape)}, "
+                                 f"got {list(other)}")
+        self.geometry = conv_geometry(self, shape)
+        num_spatial = len(self.geometry.kernel)
+        if num_spatial > 3:
+            raise self.error(f"supports 0 to 3 spatial axes (torch has no {num_spatial}-D "
+                             f"convolution), got bottom shape {list(shape)}")
+        self.channels = shape[self.geometry.channel_axis]
+        self.num_output = int(p.num_output)
+        self.groups = int(p.group)
+        if self.num_output <= 0:
+            raise self.error(f"convolution_param.num_output must be positive, got "
+                             f"{self.num_output}")
+        if self.groups <= 0:
+            raise self.error(f"convolution_param.group must be positive, got {self.groups}")
+        if self.channels % self.groups:
+            raise self.error(f"input channels must be a multiple of group: got {self.channels} "
+                             f"channels for group {self.groups}")
+        if self.num_output % self.groups:
+            raise self.error(f"num_output must be a multiple of group: got num_output "
+                             f"{self.num_output} for group {self.groups}")
+        # BaseConvolutionLayer: blobs_[0] is (conv_out_channels, conv_in_channels / group, k...),
+        # where Deconvolution swaps the roles of channels and num_output.
+        out_ch, in_ch = ((self.channels, self.num_output) if self.transposed
+                         else (self.num_output, self.channels))
+        self.add_blob((out_ch, in_ch // self.groups, *self.geometry.kernel),
+                      filler_of(p, "weight_filler"))
+        self.bias_term = bool(p.bias_term)
+        if self.bias_term:
+            self.add_blob((self.num_output,), filler_of(p, "bias_filler"))
+        # ATen's im2col kernels loop over groups: for depthwise-like layers (one input
+        # channel per group) they are an order of magnitude slower, so keep oneDNN there.
+        self.precise_weight_grad = self.groups == 1 or in_ch // self.groups > 1
+
+    def _check_bottom(self, x: torch.Tensor) -> None:
+        g = self.geometry
+        axes = g.channel_axis + 1 + len(g.kernel)
+        if x.dim() != axes or x.shape[g.channel_axis] != self.channels:
+            raise self.error(f"bottom shape {list(x.shape)} is incompatible with the layer: "
+                             f"expected {axes} axes with {self.channels} channels on axis "
+                             f"{g.channel_axis}")
+
+    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the op on (batch, C, spatial...) with batch = every axis before the channel axis."""
+        self._check_bottom(x)
+        g = self.geometry
+        self._check_output(tuple(x.shape[g.channel_axis + 1:]))
+        lead = x.shape[:g.channel_axis]
+        y = x if g.channel_axis == 1 else x.reshape(-1, *x.shape[g.channel_axis:])
+        weight = self.blobs[0]
+        bias = self.blobs[1] if self.bias_term else None
+        flat = not g.kernel  # 0 spatial axes: a grouped matrix product, run as a 1-D conv
+        if flat:
+            y, weight = y.unsqueeze(-1), weight.unsqueeze(-1)
+        conf = (list(g.stride) or [1], list(g.pad) or [0], list(g.dilation) or [1],
+                self.transposed, [0] * max(len(g.kernel), 1), self.groups)
+        if (self.precise_weight_grad and y.device.type == "cpu" and torch.is_grad_enabled()
+                and not torch.jit.is_tracing()
+                and (weight.requires_grad or (bias is not None and bias.requires_grad))):
+            out = _CaffeWeightGradConv.apply(y, weight, bias, conf)
+        else:
+            out = torch.ops.aten.convolution(y, weight, bias, *conf)
+        if flat:
+            out = out.squeeze(-1)
+        return out if g.channel_axis == 1 else out.reshape(*lead, *out.shape[1:])
+
+    def _check_output(self, spatial: tuple[int, ...]) -> None:
+        """Raise a NetError when the output for these spatial sizes would be empty."""
+        raise NotImplementedError
+
+    def forward(self, *bottoms: torch.Tensor):
+        outs = tuple(self._convolve(x) for x in bottoms)
+        return outs[0] if len(outs) == 1 else outs
+
+
+@register("Convolution", "CONVOLUTION")
+class Convolution(_ConvolutionBase):
+    """Caffe's cross-correlation; weight (num_output, C/group, k...), output size floored."""
+
+    def _check_output(self, spatial: tuple[int, ...]) -> None:
+        self.geometry.conv_out(self, spatial)
+
+
+@register("Deconvolution", "DECONVOLUTION")
+class Deconvolution(_ConvolutionBase):
+    """Convolution transposed: weight (C, num_output/group, k...), torch's ConvTranspose layout.
+
+    Output size ``stride*(in-1) + extent - 2*pad`` (DeconvolutionLayer::compute_output_shape);
+    there is no output_padding.
+    """
+
+    transposed = True
+
+    def _check_output(self, spatial: tuple[int, ...]) -> None:
+        g = self.geometry
+        for i, size in enumerate(spatial):
+            out = g.stride[i] * (size - 1) + g.extent(i) - 2 * g.pad[i]
+            if out <= 0:
+                raise self.error(f"output size on spatial axis {i} must be positive, got {out} "
+                                 f"(stride*(in-1) + extent - 2*pad with in={size})")
+
+
+@register("Im2col", "IM2COL")
+class Im2col(CaffeLayer):
+    """Caffe's column buffer as a blob: (batch..., C*prod(kernel), out spatial...).
+
+    Rows are ordered channel-major then kernel offsets (im2col_cpu / im2col_nd_cpu),
+    padding reads zeros; the backward (col2im) sums overlapping windows, which is
+    autograd's gradient of the unfold.
+    """
+
+    min_bottoms = max_bottoms = 1
+    min_tops = max_tops = 1
+
+    def __init__(self, spec: LayerSpec):
+        super().__init__(spec)
+        self.geometry = conv_geometry(self, spec.bottom_shapes[0], min_spatial=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.geometry
+        n = len(g.kernel)
+        if x.dim() != g.channel_axis + 1 + n:
+            raise self.error(f"bottom must keep {g.channel_axis + 1 + n} axes, got shape "
+                             f"{list(x.shape)}")
+        lead, channels = x.shape[:g.channel_axis], x.shape[g.channel_axis]
+        out = g.conv_out(self, x.shape[g.channel_axis + 1:])
+        y = x.reshape(-1, *x.shape[g.channel_axis:])
+        rows = channels * math.prod(g.kernel)
+        if n == 2:
+            cols = F.unfold(y, g.kernel, dilation=g.dilation, padding=g.pad, stride=g.stride)
+        else:
+            if any(g.pad):
+                y = F.pad(y, [p for p in reversed(g.pad) for _ in range(2)])
+            for i in range(n):
+                y = y.unfold(2 + i, g.extent(i), g.stride[i])
+            if any(d > 1 for d in g.dilation):
+                y = y[(..., *(slice(None, None, d) for d in g.dilation))]
+            # (batch, C, out..., kernel...) -> (batch, C, kernel..., out...)
+            cols = y.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
+        return cols.reshape(*lead, rows, *out)
