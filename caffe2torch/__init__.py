@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+import torch
+
 from .compiler import CaffeNet
 from .errors import CaffeError, FormatError, NetError
 from .layers import layer_type_list
@@ -15,6 +17,10 @@ from .mode import set_device, set_mode_cpu, set_mode_gpu, set_random_seed
 from .net import TEST, TRAIN, Blob, Net, compile_net
 from .proto import caffe_pb2
 from .weights import copy_weights
+
+# Caffe computes in full float32: TF32 tensor-core math would miss its numbers by ~1e-3.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 
 __all__ = ["CaffeNet", "CaffeError", "FormatError", "NetError", "Net", "Blob", "TRAIN", "TEST",
            "caffe_pb2", "layer_type_list", "load", "set_device", "set_mode_cpu", "set_mode_gpu",
