@@ -13,7 +13,19 @@ from ..errors import FormatError, Location
 M = TypeVar("M", bound=_message.Message)
 
 _ERROR_POS = re.compile(r"^(\d+):(\d+) : (.*)$", re.S)
+_CONTROL = re.compile(rb"[\x00-\x08\x0e-\x1f\x7f]")
+_ERROR_TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|[^\s{}<>:;,\[\]"\']+|[^\s]')
+_COMMENT = re.compile(r"#[^\n]*")
 _TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|#[^\n]*|[A-Za-z_][\w.]*|[{}<>]|\n|.', re.S)
+
+
+def looks_like_text(head: bytes) -> bool:
+    """Whether the first bytes of a file hold no control characters, as text does.
+
+    Binary protobuf files (.caffemodel, .binaryproto, .solverstate) start with field keys
+    and lengths such as 0x08, 0x12 or 0xa2 0x06, so they show one within a few bytes.
+    """
+    return not _CONTROL.search(head)
 
 
 def read_text(path: str | Path) -> str:
@@ -29,11 +41,13 @@ def read_text(path: str | Path) -> str:
         raise FormatError(path, f"cannot be read ({exc.strerror})") from None
     if not raw.strip():
         raise FormatError(path, "is empty, expected a prototxt text file")
+    if not looks_like_text(raw[:4096]):
+        raise FormatError(path, "is a binary file (a .caffemodel, .binaryproto or "
+                                ".solverstate?), expected a prototxt text file")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise FormatError(path, "is not a text file (is it a binary .caffemodel or .binaryproto? "
-                                "expected a prototxt)") from None
+        return raw.decode("latin-1")    # e.g. GBK comments: Caffe's parser takes any bytes
 
 
 def parse_text(text: str, message: M, path: str | Path | None = None) -> M:
@@ -52,14 +66,22 @@ def _located_error(text: str, exc: text_format.ParseError, message: _message.Mes
     if match:
         line, column, detail = int(match.group(1)), int(match.group(2)), match.group(3)
     token = ""
-    if line:
-        lines = text.splitlines()
-        if 0 < line <= len(lines):
-            rest = lines[line - 1][max(column - 1, 0):]
-            token = rest.split()[0] if rest.split() else ""
+    lines = text.split("\n")
+    if line and 0 < line <= len(lines):
+        source = lines[line - 1]
+        for quoted in (source, source.rstrip("\r")):     # protobuf quotes the line in some errors
+            if detail.startswith(f"'{quoted}': "):
+                detail = detail[len(quoted) + 4:]
+                break
+        offset = sum(len(text_line) + 1 for text_line in lines[:line - 1]) + max(column - 1, 0)
+        found = _ERROR_TOKEN.search(text, offset)
+        if found:
+            rest = _COMMENT.sub("", text[found.end():])
+            eof = not rest.strip() and detail.startswith("Expected")
+            token = "end of file" if eof else f"'{found.group(0)}'"
     where = Location(None if path is None else str(path), line or None, column or None)
     what = message.DESCRIPTOR.name
-    extra = f" (at '{token}')" if token else ""
+    extra = f" (at {token})" if token else ""
     return FormatError(path, f"cannot parse as {what}: {detail}{extra}", location=where)
 
 
