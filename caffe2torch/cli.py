@@ -19,6 +19,7 @@ from functools import partial
 from typing import Callable, Sequence
 
 from .caffe_tool import COMMANDS as CAFFE_COMMANDS
+from .dataset_tools import COMMANDS as DATASET_COMMANDS
 from .errors import CaffeError
 from .formats import read_message, to_text, upgrade_net, upgrade_solver
 from .formats.atomic import atomic_write_bytes
@@ -106,6 +107,7 @@ COMMANDS: dict[str, Command] = {
     "upgrade_solver_proto_text": Command("upgrade an old solver prototxt (Caffe's tool name)",
                                          _in_out, upgrade_solver_command),
     **{name: Command(*spec) for name, spec in CAFFE_COMMANDS.items()},
+    **{name: Command(*spec) for name, spec in DATASET_COMMANDS.items()},
 }
 
 

@@ -144,6 +144,8 @@ class CaffeNet(nn.Module):
     def _loss_weights(self, layer: CaffeLayer, tops: list[str]) -> list[float]:
         weights = list(layer.param.loss_weight)
         if not weights:
+            if layer.is_loss and len(tops) == 1:  # LossLayer::LayerSetUp: saved models show it
+                layer.param.loss_weight.append(1.0)
             return [1.0 if (layer.is_loss and i == 0) else 0.0 for i in range(len(tops))]
         if len(weights) != len(tops):
             raise layer.error(f"loss_weight must be unspecified or given once per top blob: "

@@ -185,5 +185,6 @@ def build_graph(net: caffe_pb2.NetParameter, state: caffe_pb2.NetState,
             if lp.type == "Input":
                 inputs.append(blob)
         nodes.append(node)
+    # Net::Init keeps the available blobs in a std::set: outputs come in name order.
     return NetGraph(name=net.name, state=state, force_backward=net.force_backward, nodes=nodes,
-                    inputs=inputs, outputs=list(available), blob_names=blob_names)
+                    inputs=inputs, outputs=sorted(available), blob_names=blob_names)

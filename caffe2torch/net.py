@@ -20,6 +20,7 @@ from .compiler import AUTOMATIC_TOP, CaffeNet
 from .errors import NetError
 from .formats import read_net
 from .graph import build_graph, make_state
+from .layers.data import set_input_arrays
 from .mode import device as mode_device
 from .proto import caffe_pb2
 from .weights import copy_weights, save_caffemodel
@@ -319,6 +320,10 @@ class Net:
                 shapes[name] = tuple(shape)
                 if name in self.blobs and not step.is_input:
                     self.blobs[name].reshape(*shape)
+
+    def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
+        """Serve these arrays from the net's first layer, a MemoryData (pycaffe's method)."""
+        set_input_arrays(self.module, data, labels)
 
     # -- weights ------------------------------------------------------------------------
     def copy_from(self, path: str | Path) -> None:

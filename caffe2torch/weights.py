@@ -2,7 +2,8 @@
 
 ``copy_weights`` is Caffe's ``Net::CopyTrainedLayersFrom``: match layers by name,
 ignore unknown ones, require the same blob count and shape (legacy 4-D shapes
-compare right-aligned). ``net_to_proto``/``save_caffemodel`` are ``Net::ToProto``.
+compare right-aligned). ``net_to_proto``/``save_caffemodel`` are ``Net::ToProto`` and
+``save_hdf5`` is ``Net::ToHDF5``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from .compiler import CaffeNet
 from .errors import NetError
-from .formats import LayerRecord, read_caffemodel, write_caffemodel
+from .formats import LayerRecord, read_caffemodel, write_caffemodel, write_hdf5_weights
 from .formats.caffemodel import BlobRecord
 from .proto import caffe_pb2
 
@@ -44,6 +45,8 @@ def copy_weights(net: CaffeNet, source: str | Path | Iterable[LayerRecord]) -> l
                            f"file has {len(record.blobs)}, the net expects {len(layer.blobs)}",
                            layer=record.name, layer_type=layer.param.type, location=layer.location)
         for i, (blob, param) in enumerate(zip(record.blobs, layer.blobs)):
+            if blob is None:  # HDF5 weights store a shared param under its owner only
+                continue
             shape = tuple(param.shape)
             if not shape_matches(blob, shape) or blob.data.size != param.numel():
                 raise NetError(
@@ -73,7 +76,23 @@ def net_to_proto(net: CaffeNet, *, write_diff: bool = False
     return proto, blobs
 
 
-def save_caffemodel(net: CaffeNet, path: str | Path) -> None:
-    """Write the net's weights as a .caffemodel that Caffe and OpenCV read."""
+def param_diffs(net: CaffeNet) -> list[list[np.ndarray]]:
+    """Each layer's parameter gradients (zeros where none was computed), in net order."""
+    def diff(p: torch.Tensor) -> np.ndarray:
+        return (p.grad if p.grad is not None else torch.zeros_like(p)).detach().cpu().numpy()
+    return [[diff(p) for p in net.layers[step.key].blobs] for step in net.steps]
+
+
+def save_caffemodel(net: CaffeNet, path: str | Path, *, write_diff: bool = False) -> None:
+    """Write the net's weights (and gradients) as a .caffemodel that Caffe and OpenCV read."""
     proto, blobs = net_to_proto(net)
-    write_caffemodel(path, proto, blobs)
+    write_caffemodel(path, proto, blobs, param_diffs(net) if write_diff else None)
+
+
+def save_hdf5(net: CaffeNet, path: str | Path, *, write_diff: bool = False) -> None:
+    """Write ``.caffemodel.h5`` weights: a shared param only under its owner, diffs for all."""
+    proto, blobs = net_to_proto(net)
+    owners = {(lp.layer, lp.index) for lp in net.learnable}
+    owned = [[array if (step.name, i) in owners else None for i, array in enumerate(arrays)]
+             for step, arrays in zip(net.steps, blobs)]
+    write_hdf5_weights(path, proto, owned, param_diffs(net) if write_diff else None)

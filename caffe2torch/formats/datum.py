@@ -82,8 +82,12 @@ _LEADING_INT = re.compile(r"\s*([+-]?\d+)")
 def read_list_file(path: str | Path) -> list[tuple[str, int]]:
     """The ``name label`` lines of an image list, split as Caffe does: the label follows the
     last space (names may contain spaces) and is read like C's ``atoi`` (junk gives 0)."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8", "surrogateescape")
+    except OSError as exc:
+        raise FormatError(path, f"cannot read the image list: {exc.strerror}") from None
     items = []
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         name, space, label = line.rpartition(" ")
         if not space:
             name, label = line, line
@@ -107,6 +111,18 @@ def read_image(path: str, is_color: bool = True, height: int = 0, width: int = 0
 def hwc_to_chw(image: np.ndarray) -> np.ndarray:
     """An OpenCV HxWxC (or HxW) image as a CxHxW view, without copying."""
     return image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
+
+
+def contiguous_chw(image: np.ndarray) -> np.ndarray:
+    """A CxHxW array with contiguous planes: views of interleaved (OpenCV) pixels are split
+    by OpenCV, several times faster than numpy copies a transpose."""
+    if image.flags.c_contiguous:
+        return image
+    if image.shape[0] > 4 or image.strides[0] != image.itemsize:
+        return np.ascontiguousarray(image)
+    planes = np.empty(image.shape, image.dtype)
+    cv2.split(np.ascontiguousarray(image.transpose(1, 2, 0)), list(planes))
+    return planes
 
 
 def datum_image(datum: caffe_pb2.Datum, source: str, force_color: bool = False,
@@ -136,9 +152,9 @@ def datum_image(datum: caffe_pb2.Datum, source: str, force_color: bool = False,
 def image_to_datum(image: np.ndarray, label: int) -> caffe_pb2.Datum:
     """Caffe's ``CVMatToDatum`` plus the label: an OpenCV HxWxC (or HxW) uint8 image as raw CHW
     bytes, field for field what ``convert_imageset`` writes (``encoded: false`` included)."""
-    chw = hwc_to_chw(image)
+    chw = contiguous_chw(hwc_to_chw(image))
     datum = caffe_pb2.Datum(channels=chw.shape[0], height=chw.shape[1], width=chw.shape[2],
-                            data=np.ascontiguousarray(chw).tobytes(), label=label)
+                            data=chw.tobytes(), label=label)
     datum.encoded = False
     return datum
 

@@ -1,12 +1,12 @@
 """HDF5Data and HDF5Output: Caffe's HDF5 readers and writers (hdf5_data_layer.cpp)."""
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..data import seeded_rng
 from ..formats.atomic import atomic_open
 from .base import CaffeLayer, LayerSpec, Shape
 from .registry import register
@@ -17,7 +17,9 @@ class HDF5Data(CaffeLayer):
     """Reads rows of the datasets named by its tops from a list of .h5 files, in order.
 
     Rows are taken one at a time across file boundaries, wrapping around at the end of
-    the list, exactly as Caffe's ``Next()``; ``shuffle`` permutes files and rows.
+    the list, exactly as Caffe's ``Next()``; ``shuffle`` permutes files and rows (from a
+    generator seeded by torch's, so runs repeat). The list holds whitespace-separated names,
+    read from the working directory, else beside the list or the prototxt.
     """
 
     min_tops = 1
@@ -30,14 +32,16 @@ class HDF5Data(CaffeLayer):
         self.batch_size = int(p.batch_size)
         self.shuffle = p.shuffle
         source = self.resolve_path(p.source, "hdf5_data_param.source list")
-        lines = [ln.strip() for ln in source.read_text().splitlines() if ln.strip()]
-        if not lines:
+        names = source.read_text().split()
+        if not names:
             raise self.error(f"hdf5_data_param.source '{source}' lists no .h5 files")
-        self.files = [self._resolve_h5(line, source.parent) for line in lines]
-        self.file_order = list(range(len(self.files)))
+        self.files = [self._resolve_h5(name, source.parent) for name in names]
+        self.rng = seeded_rng() if self.shuffle else None
+        self.file_order = np.arange(len(self.files))
         if self.shuffle:
-            random.shuffle(self.file_order)
+            self.rng.shuffle(self.file_order)
         self.current_file = 0
+        self.data: list[np.ndarray] = []
         self._load(self.files[self.file_order[0]])
         self.current_row = 0
 
@@ -54,7 +58,11 @@ class HDF5Data(CaffeLayer):
         import h5py
 
         arrays = []
-        with h5py.File(path, "r") as handle:
+        try:
+            handle = h5py.File(path, "r")
+        except OSError as exc:
+            raise self.error(f"cannot read HDF5 file '{path}': {exc}") from None
+        with handle:
             for top in self.param.top:
                 if top not in handle:
                     raise self.error(f"HDF5 file '{path}' has no dataset '{top}' (the top's name); "
@@ -66,10 +74,17 @@ class HDF5Data(CaffeLayer):
         rows = {a.shape[0] for a in arrays}
         if len(rows) != 1:
             raise self.error(f"datasets in '{path}' have different row counts {sorted(rows)}")
+        if 0 in rows:
+            raise self.error(f"datasets in '{path}' have no rows")
+        for top, old, new in zip(self.param.top, self.data, arrays):
+            if old.shape[1:] != new.shape[1:]:
+                raise self.error(f"dataset '{top}' in '{path}' has rows of shape "
+                                 f"{list(new.shape[1:])}, the first file's are "
+                                 f"{list(old.shape[1:])}")
         self.data = arrays
         self.rows = np.arange(arrays[0].shape[0])
         if self.shuffle:
-            np.random.shuffle(self.rows)
+            self.rng.shuffle(self.rows)
 
     def _next(self) -> None:
         self.current_row += 1
@@ -80,11 +95,11 @@ class HDF5Data(CaffeLayer):
             if self.current_file == len(self.files):
                 self.current_file = 0
                 if self.shuffle:
-                    random.shuffle(self.file_order)
+                    self.rng.shuffle(self.file_order)
             self._load(self.files[self.file_order[self.current_file]])
         self.current_row = 0
         if self.shuffle:
-            np.random.shuffle(self.rows)
+            self.rng.shuffle(self.rows)
 
     def infer_shapes(self, bottom_shapes: list[Shape]) -> list[Shape]:
         return [(self.batch_size, *a.shape[1:]) for a in self.data]
@@ -101,7 +116,13 @@ class HDF5Data(CaffeLayer):
 
 @register("HDF5Output", "HDF5_OUTPUT")
 class HDF5Output(CaffeLayer):
-    """Writes its two bottoms (``data`` and ``label``) to an HDF5 file at every forward."""
+    """Writes its two bottoms to datasets ``data`` and ``label`` of an HDF5 file.
+
+    As Caffe's ``SaveBlobs`` the datasets are float32 and 4-D (num, channels, height, width:
+    a label of shape (N,) is stored as (N, 1, 1, 1)). Caffe can write one batch only (a
+    second forward fails on the existing datasets); here every forward replaces the file
+    atomically with the latest batch.
+    """
 
     min_bottoms = max_bottoms = 2
     max_tops = 0
@@ -112,11 +133,23 @@ class HDF5Output(CaffeLayer):
         if not self.file_name:
             raise self.error("hdf5_output_param.file_name is required")
 
+    def _legacy(self, blob: torch.Tensor, what: str) -> np.ndarray:
+        """A blob as Caffe's 4-D num/channels/height/width array (trailing 1s added)."""
+        if blob.dim() > 4 or blob.dim() == 0:
+            raise self.error(f"bottom '{what}' has {blob.dim()} axes; HDF5Output writes blobs "
+                             "of 1 to 4 axes")
+        array = blob.detach().to("cpu", torch.float32).numpy()
+        return array.reshape(*array.shape, *[1] * (4 - array.ndim))
+
     def forward(self, data: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if data.device.type != "meta":
             import h5py
 
+            if data.shape[:1] != label.shape[:1]:
+                raise self.error(f"data and label must have the same batch size, got "
+                                 f"{list(data.shape)} and {list(label.shape)}")
+            arrays = {"data": self._legacy(data, "data"), "label": self._legacy(label, "label")}
             with atomic_open(self.file_name, "wb") as handle, h5py.File(handle, "w") as out:
-                out.create_dataset("data", data=data.detach().cpu().numpy())
-                out.create_dataset("label", data=label.detach().cpu().numpy())
+                for name, array in arrays.items():
+                    out.create_dataset(name, data=array)
         return ()

@@ -16,12 +16,6 @@ from .registry import layer_type_list, register
 
 # type name -> V1 enum name (None: no V1 spelling)
 _PENDING: dict[str, str | None] = {
-    "Data": "DATA",
-    "ImageData": "IMAGE_DATA",
-    "HDF5Data": "HDF5_DATA",
-    "HDF5Output": "HDF5_OUTPUT",
-    "MemoryData": "MEMORY_DATA",
-    "WindowData": "WINDOW_DATA",
     "Python": None,
 }
 
