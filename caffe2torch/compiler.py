@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import NetError
+from .fillers import deferred, fill_
 from .graph import NetGraph
 from .layers import get_layer_class
 from .layers.base import CaffeLayer, LayerSpec, Shape
@@ -62,7 +63,7 @@ class _ReshapeTo(nn.Module):
 def _module_key(name: str, used: set[str]) -> str:
     base = (name or "layer").replace(".", "_")
     key, n = base, 1
-    while key in used:
+    while key in used or hasattr(nn.ModuleDict, key):  # e.g. a layer named "double" or "train"
         n += 1
         key = f"{base}_{n}"
     used.add(key)
@@ -78,7 +79,7 @@ class CaffeNet(nn.Module):
     """
 
     def __init__(self, graph: NetGraph, *, base_dir: str | Path | None = None,
-                 input_shapes: Mapping[str, Sequence[int]] | None = None):
+                 input_shapes: Mapping[str, Sequence[int]] | None = None, fill: bool = True):
         super().__init__()
         self.name = graph.name
         self.phase = graph.state.phase
@@ -107,7 +108,8 @@ class CaffeNet(nn.Module):
                                layer_type=node.type, location=node.location) from None
             spec = LayerSpec(param=param, bottom_shapes=bottom_shapes, phase=self.phase,
                              location=node.location, base_dir=self._base_dir)
-            layer: CaffeLayer = cls(spec)
+            with deferred():
+                layer: CaffeLayer = cls(spec)
             tops = list(node.tops)
             if cls.is_loss and not tops:
                 tops = [AUTOMATIC_TOP]
@@ -123,6 +125,23 @@ class CaffeNet(nn.Module):
                 loss_weights=self._loss_weights(layer, tops), is_input=node.type == "Input",
                 propagate_down=self._propagate_down(layer, node.bottoms)))
         self._last_use = self._liveness()
+        if fill:
+            self.fill_blobs()
+
+    def fill_blobs(self, loaded: set[int] = frozenset()) -> None:
+        """Draw every blob from its layer's filler, except those in ``loaded`` (by ``id``).
+
+        Shared blobs are drawn once, by their first layer, as in Caffe where a sharing
+        layer's own draw is discarded when it starts using the owner's data.
+        """
+        done = set(loaded)
+        for module in self.modules():
+            for blob, filler in getattr(module, "pending_fills", ()):
+                if id(blob) not in done:
+                    fill_(blob.data, filler)
+                    done.add(id(blob))
+            if isinstance(module, CaffeLayer):
+                module.pending_fills = []
 
     # -- construction helpers ---------------------------------------------------------
     def _top_shapes(self, layer: CaffeLayer, type_: str, bottom_shapes: list[Shape],

@@ -6,6 +6,8 @@ initialisation is never used, so from-scratch training starts where Caffe's woul
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -13,6 +15,27 @@ from .errors import NetError
 from .proto import caffe_pb2
 
 _FAN_IN, _FAN_OUT, _AVERAGE = 0, 1, 2
+_deferring = [False]
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """While active, new layer blobs are left unfilled and recorded for a later fill.
+
+    The compiler builds under it so that blobs about to be overwritten by a .caffemodel
+    are never drawn (filling VGG-16 alone takes seconds).
+    """
+    previous = _deferring[0]
+    _deferring[0] = True
+    try:
+        yield
+    finally:
+        _deferring[0] = previous
+
+
+def deferring() -> bool:
+    """Whether blob filling is currently deferred (see :func:`deferred`)."""
+    return _deferring[0]
 
 
 def _fan(shape: tuple[int, ...], variance_norm: int) -> float:

@@ -120,6 +120,87 @@ def time_blocks(step: Callable[[], None], blocks: int, per_block: int, warmup: i
     return times
 
 
+TRAIN_NETS = {
+    # name: (image side, channels, batch, layers after the data layer, Caffe-style)
+    "lenet": (28, 1, 64, """
+layer {{ name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param {{ num_output: 20 kernel_size: 5 weight_filler {{ type: "xavier" }} }} }}
+layer {{ name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+  pooling_param {{ pool: MAX kernel_size: 2 stride: 2 }} }}
+layer {{ name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
+  convolution_param {{ num_output: 50 kernel_size: 5 weight_filler {{ type: "xavier" }} }} }}
+layer {{ name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
+  pooling_param {{ pool: MAX kernel_size: 2 stride: 2 }} }}
+layer {{ name: "ip1" type: "InnerProduct" bottom: "pool2" top: "ip1"
+  inner_product_param {{ num_output: 500 weight_filler {{ type: "xavier" }} }} }}
+layer {{ name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1" }}
+layer {{ name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
+  inner_product_param {{ num_output: 10 weight_filler {{ type: "xavier" }} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }}
+"""),
+    "cifar10_quick": (32, 3, 100, """
+layer {{ name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param {{ num_output: 32 pad: 2 kernel_size: 5 weight_filler {{ type: "gaussian" std: 0.0001 }} }} }}
+layer {{ name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+  pooling_param {{ pool: MAX kernel_size: 3 stride: 2 }} }}
+layer {{ name: "relu1" type: "ReLU" bottom: "pool1" top: "pool1" }}
+layer {{ name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
+  convolution_param {{ num_output: 32 pad: 2 kernel_size: 5 weight_filler {{ type: "gaussian" std: 0.01 }} }} }}
+layer {{ name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }}
+layer {{ name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
+  pooling_param {{ pool: AVE kernel_size: 3 stride: 2 }} }}
+layer {{ name: "conv3" type: "Convolution" bottom: "pool2" top: "conv3"
+  convolution_param {{ num_output: 64 pad: 2 kernel_size: 5 weight_filler {{ type: "gaussian" std: 0.01 }} }} }}
+layer {{ name: "relu3" type: "ReLU" bottom: "conv3" top: "conv3" }}
+layer {{ name: "pool3" type: "Pooling" bottom: "conv3" top: "pool3"
+  pooling_param {{ pool: AVE kernel_size: 3 stride: 2 }} }}
+layer {{ name: "ip1" type: "InnerProduct" bottom: "pool3" top: "ip1"
+  inner_product_param {{ num_output: 64 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+layer {{ name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
+  inner_product_param {{ num_output: 10 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }}
+"""),
+}
+
+
+def data_wait_share(folder: Path, name: str, iterations: int) -> tuple[float, float]:
+    """Train ``name`` from an LMDB through the solver; returns (ms per iteration, share of the
+    iteration spent in the Data layer's forward, i.e. waiting for the prefetched batch)."""
+    side, channels, batch, body = TRAIN_NETS[name]
+    rng = np.random.default_rng(1)
+    images = folder / f"{name}_images"
+    images.mkdir()
+    lines = []
+    for i in range(500):
+        cv2.imwrite(str(images / f"{i:04d}.png"),
+                    rng.integers(0, 256, (side, side, channels), np.uint8))
+        lines.append(f"{i:04d}.png {i % 10}")
+    (folder / f"{name}_list.txt").write_text("\n".join(lines) + "\n")
+    db = folder / f"{name}_lmdb"
+    convert_imageset(f"{images}/", folder / f"{name}_list.txt", db, gray=channels == 1)
+    data = (f'layer {{{{ name: "data" type: "Data" top: "data" top: "label" '
+            f'transform_param {{{{ scale: 0.00390625 }}}} '
+            f'data_param {{{{ source: "{db}" batch_size: {batch} backend: LMDB }}}} }}}}\n')
+    (folder / f"{name}.prototxt").write_text((data + body).format())
+    solver = folder / f"{name}_solver.prototxt"
+    solver.write_text(f'net: "{folder / name}.prototxt" base_lr: 0.001 momentum: 0.9 '
+                      f'lr_policy: "fixed" max_iter: {iterations} display: 0 '
+                      f'snapshot_after_train: false solver_mode: CPU')
+    trainer = caffe.get_solver(str(solver))
+    layer = trainer.net.layers[0].module
+    waited = [0.0]
+    started: list[float] = []
+    layer.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+    layer.register_forward_hook(
+        lambda *_: waited.__setitem__(0, waited[0] + time.perf_counter() - started.pop()))
+    trainer.step(5)                      # warm-up: fills the prefetch queue
+    waited[0] = 0.0
+    start = time.perf_counter()
+    trainer.step(iterations)
+    total = time.perf_counter() - start
+    return total * 1000 / iterations, waited[0] / total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -127,6 +208,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--per-block", type=int, default=8, help="batches per timed block")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--train-iters", type=int, default=40,
+                        help="iterations per net for the data-wait share (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     cv2.setNumThreads(2)
@@ -160,6 +243,13 @@ def main() -> None:
         ms = statistics.median(times)
         print(f"{name:<28}{ms:>10.1f}{BATCH * 1000 / ms:>10.0f}{plain / ms:>9.2f}"
               f"{caffe_ms / ms:>9.2f}")
+    if args.train_iters:
+        print("\ntraining from an LMDB through the solver (default workers): share of each "
+              "iteration spent waiting for data (goal < 5%)")
+        with tempfile.TemporaryDirectory(prefix="bench_data_train.") as tmp:
+            for name in TRAIN_NETS:
+                ms, share = data_wait_share(Path(tmp), name, args.train_iters)
+                print(f"{name:<16}{ms:>8.1f} ms/iter   waiting for data {100 * share:5.1f}%")
 
 
 if __name__ == "__main__":

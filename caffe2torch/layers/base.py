@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import Location, NetError
-from ..fillers import fill_
+from ..fillers import deferring, fill_
 from ..proto import caffe_pb2
 
 Shape = tuple[int, ...]
@@ -57,6 +57,7 @@ class CaffeLayer(nn.Module):
         self.location = spec.location
         self.base_dir = spec.base_dir
         self.blobs = nn.ParameterList()
+        self.pending_fills: list[tuple[nn.Parameter, caffe_pb2.FillerParameter | None]] = []
         nb, nt = len(spec.param.bottom), len(spec.param.top)
         self._check_count("bottom", nb, self.min_bottoms, self.max_bottoms)
         self._check_count("top", nt, self.min_tops, self.max_tops)
@@ -81,8 +82,11 @@ class CaffeLayer(nn.Module):
         in the caffemodel, and the solver keeps history for them.
         """
         data = torch.empty(tuple(int(s) for s in shape), dtype=torch.float32)
-        fill_(data, filler)
         blob = nn.Parameter(data, requires_grad=learnable)
+        if deferring():
+            self.pending_fills.append((blob, filler))
+        else:
+            fill_(data, filler)
         self.blobs.append(blob)
         return blob
 

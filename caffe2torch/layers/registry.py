@@ -10,9 +10,8 @@ from typing import Callable, TypeVar
 from ..errors import NetError
 
 _REGISTRY: dict[str, type] = {}
-# V1 enum names (e.g. "CONVOLUTION") map to the V2 type string, for error messages
-# and for users who still write the old names.
-_V1_ALIASES: dict[str, str] = {}
+# The V2 type names (aliases such as V1 enum names like "CONVOLUTION" are not listed).
+_TYPE_NAMES: set[str] = set()
 
 T = TypeVar("T", bound=type)
 
@@ -31,8 +30,7 @@ def register(type_name: str, *aliases: str, replace: bool = False) -> Callable[[
                 raise ValueError(f"layer type '{name}' is already registered "
                                  f"({_REGISTRY[name].__qualname__}); pass replace=True to override")
             _REGISTRY[name] = cls
-        for alias in aliases:
-            _V1_ALIASES[alias] = type_name
+        _TYPE_NAMES.add(type_name)
         cls.caffe_type = type_name
         return cls
 
@@ -53,4 +51,4 @@ def get_layer_class(type_name: str, *, layer: str | None = None, location=None) 
 
 def layer_type_list() -> list[str]:
     """Registered V2 type names, sorted (pycaffe's ``caffe.layer_type_list()``)."""
-    return sorted(name for name in _REGISTRY if name not in _V1_ALIASES)
+    return sorted(_TYPE_NAMES)
