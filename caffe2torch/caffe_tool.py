@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from .net import Net
-    from .solver import SolverAction
+    from .solver import Solver, SolverAction
 
 log = logging.getLogger("caffe2torch")
 
@@ -44,7 +44,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=50, help="number of iterations")
 
 
-def train_arguments(parser: argparse.ArgumentParser) -> None:
+def train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solver", default="", help="the solver definition prototxt")
     parser.add_argument("--weights", default="",
                         help="pretrained weights to finetune from, separated by ','; not "
@@ -58,20 +58,20 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
     _common(parser)
 
 
-def test_arguments(parser: argparse.ArgumentParser) -> None:
+def test_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help="the model definition prototxt")
     parser.add_argument("--weights", default="", help="the trained weights to score")
     _common(parser)
 
 
-def time_arguments(parser: argparse.ArgumentParser) -> None:
+def time_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help="the model definition prototxt")
     parser.add_argument("--phase", default="", help="network phase (TRAIN or TEST); TRAIN "
                                                     "if unset")
     _common(parser)
 
 
-def device_query_arguments(parser: argparse.ArgumentParser) -> None:
+def device_query_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", default="", help="device IDs separated by ',', or 'all'")
 
 
@@ -154,9 +154,10 @@ class SignalHandler:
 
     def __init__(self, sigint_effect: str, sighup_effect: str):
         from .solver import SolverAction
-        self.effects = {signal.SIGINT: SolverAction(sigint_effect)}
+        self.effects: dict[int, SolverAction] = {}   # checked in this order: SIGHUP first
         if hasattr(signal, "SIGHUP"):
             self.effects[signal.SIGHUP] = SolverAction(sighup_effect)
+        self.effects[signal.SIGINT] = SolverAction(sigint_effect)
         self.pending: set[int] = set()
 
     def _handle(self, signum: int, frame: object) -> None:
@@ -165,14 +166,14 @@ class SignalHandler:
     def action(self) -> SolverAction:
         """The requested action: SIGHUP's first, then SIGINT's (clearing the request)."""
         from .solver import SolverAction
-        for signum in sorted(self.effects, key=lambda s: s != getattr(signal, "SIGHUP", None)):
+        for signum in self.effects:
             if signum in self.pending:
                 self.pending.discard(signum)
                 return self.effects[signum]
         return SolverAction.NONE
 
     @contextmanager
-    def installed(self) -> Iterator["SignalHandler"]:
+    def installed(self) -> Iterator[SignalHandler]:
         previous = {s: signal.signal(s, self._handle) for s in self.effects}
         try:
             yield self
@@ -182,7 +183,7 @@ class SignalHandler:
 
 
 @_logged
-def train(args: argparse.Namespace) -> int:
+def train_command(args: argparse.Namespace) -> int:
     """``caffe train``: train or finetune a model from a solver prototxt."""
     _require(args.solver, "Need a solver definition to train (-solver).")
     if args.snapshot and args.weights:
@@ -205,20 +206,21 @@ def train(args: argparse.Namespace) -> int:
     if args.weights:
         param.weights.append(args.weights)
     handler = SignalHandler(args.sigint_effect, args.sighup_effect)
-    solver = SOLVERS.get(param.type, Solver)(param, solver_dir=Path(args.solver).parent)
-    solver.action_request = handler.action
-    if args.snapshot:
-        log.info("Resuming from %s", args.snapshot)
-        solver.restore(args.snapshot)
-    log.info("Starting Optimization")
-    with handler.installed(), _progress(solver, args.progress):
-        solver.solve()
+    with handler.installed():
+        solver = SOLVERS.get(param.type, Solver)(param, solver_dir=Path(args.solver).parent)
+        solver.action_request = handler.action
+        if args.snapshot:
+            log.info("Resuming from %s", args.snapshot)
+            solver.restore(args.snapshot)
+        log.info("Starting Optimization")
+        with _progress(solver, args.progress):
+            solver.solve()
     log.info("Optimization Done.")
     return 0
 
 
 @contextmanager
-def _progress(solver, enabled: bool) -> Iterator[None]:
+def _progress(solver: Solver, enabled: bool) -> Iterator[None]:
     """A tqdm bar that advances once per iteration."""
     if not enabled:
         yield
@@ -232,7 +234,7 @@ def _progress(solver, enabled: bool) -> Iterator[None]:
 # -- test -------------------------------------------------------------------------------------
 
 @_logged
-def test(args: argparse.Namespace) -> int:
+def test_command(args: argparse.Namespace) -> int:
     """``caffe test``: score a model; per-batch outputs, then their means."""
     _require(args.model, "Need a model definition to score (-model).")
     _require(args.weights, "Need model weights to score (-weights).")
@@ -281,7 +283,7 @@ class _LayerClock:
         """One timed forward and backward pass; returns the forward's loss."""
         import torch
 
-        from .solver import _feed
+        from .solver import feed_inputs
         starts: list[tuple[float, int]] = []
         last, index = self._now(), 0
 
@@ -294,7 +296,7 @@ class _LayerClock:
                     value.register_hook(lambda grad, i=index: starts.append((self._now(), i)))
             last, index = now, index + 1
 
-        env, loss = self.net.module.run(_feed(self.net, self.device), observer=observe)
+        env, loss = self.net.module.run(feed_inputs(self.net, self.device), observer=observe)
         tails = [env[name] for name in self.net.module.output_names if env[name].requires_grad]
         if tails:
             torch.autograd.backward(tails, [torch.ones_like(t) for t in tails])
@@ -355,7 +357,7 @@ def time_command(args: argparse.Namespace) -> int:
 # -- device_query -----------------------------------------------------------------------------
 
 @_logged
-def device_query(args: argparse.Namespace) -> int:
+def device_query_command(args: argparse.Namespace) -> int:
     """``caffe device_query``: what PyTorch knows about each requested GPU."""
     import torch
     log.info("Querying GPUs %s", args.gpu)
@@ -377,10 +379,10 @@ def device_query(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
-    "train": ("train or finetune a model (Caffe's caffe train)", train_arguments, train),
-    "test": ("score a model (Caffe's caffe test)", test_arguments, test),
+    "train": ("train or finetune a model (Caffe's caffe train)", train_flags, train_command),
+    "test": ("score a model (Caffe's caffe test)", test_flags, test_command),
     "time": ("benchmark model execution time per layer (Caffe's caffe time)",
-             time_arguments, time_command),
+             time_flags, time_command),
     "device_query": ("show GPU diagnostic information (Caffe's caffe device_query)",
-                     device_query_arguments, device_query),
+                     device_query_flags, device_query_command),
 }

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
 
+from .caffe_alias import run_script
 from .caffe_tool import COMMANDS as CAFFE_COMMANDS
 from .dataset_tools import COMMANDS as DATASET_COMMANDS
 from .errors import CaffeError
@@ -33,11 +34,16 @@ _LONG_FLAG = re.compile(r"^--?([A-Za-z][A-Za-z0-9_-]+)(=.*)?$", re.S)
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: its help line, its argument declarations and what it runs."""
+    """One subcommand: its help line, its argument declarations and what it runs.
+
+    ``passthrough``: everything after the command's first argument belongs to someone else
+    (the script ``pyrun`` runs) and is not rewritten by :func:`normalise_argv`.
+    """
 
     help: str
     arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int | None]
+    passthrough: bool = False
 
 
 def normalise_argv(argv: Sequence[str]) -> list[str]:
@@ -94,6 +100,17 @@ def upgrade_solver_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pyrun_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("script", help="a pycaffe script (it may 'import caffe')")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
+
+
+def pyrun_command(args: argparse.Namespace) -> int:
+    """Run an unchanged pycaffe script with ``caffe`` = caffe2torch (see caffe_alias)."""
+    run_script(args.script, args.args)
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "upgrade-net": Command("upgrade an old (V0/V1, legacy input) net: a prototxt to a "
                            "prototxt, a binary .caffemodel to a .caffemodel",
@@ -106,6 +123,9 @@ COMMANDS: dict[str, Command] = {
                               _in_out, upgrade_solver_command),
     "upgrade_solver_proto_text": Command("upgrade an old solver prototxt (Caffe's tool name)",
                                          _in_out, upgrade_solver_command),
+    "pyrun": Command("run a pycaffe script unchanged: 'import caffe' gives caffe2torch "
+                     "(pyrun script.py ARGS...)", _pyrun_arguments, pyrun_command,
+                     passthrough=True),
     **{name: Command(*spec) for name, spec in CAFFE_COMMANDS.items()},
     **{name: Command(*spec) for name, spec in DATASET_COMMANDS.items()},
 }
@@ -124,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the exit status."""
-    args = build_parser().parse_args(normalise_argv(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = COMMANDS.get(argv[0]) if argv else None
+    keep = 2 if command is not None and command.passthrough else len(argv)
+    args = build_parser().parse_args(normalise_argv(argv[:keep]) + argv[keep:])
     try:
         return int(args.run(args) or 0)
     except CaffeError as exc:

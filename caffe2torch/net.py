@@ -9,129 +9,27 @@ shared in-place memory holds after backward.
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import zip_longest
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from .blob import Blob, ParamBlob
 from .compiler import AUTOMATIC_TOP, CaffeNet
 from .errors import NetError
-from .formats import read_net
+from .formats import read_hdf5_weights, read_net
 from .graph import build_graph, make_state
 from .layers.data import set_input_arrays
+from .layers.python_layer import PythonLayer
 from .mode import device as mode_device
 from .proto import caffe_pb2
-from .weights import copy_weights, save_caffemodel
+from .weights import copy_weights, save_caffemodel, save_hdf5
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
-
-
-class _DeviceArray(np.ndarray):
-    """Host copy of a GPU tensor whose item assignment writes through to the tensor."""
-
-    _tensor: torch.Tensor
-
-    def __setitem__(self, key, value) -> None:
-        super().__setitem__(key, value)
-        with torch.no_grad():
-            self._tensor.copy_(torch.from_numpy(np.asarray(self)).view(self._tensor.shape))
-
-
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A writable numpy view (CPU) or write-through host copy (other devices) of ``tensor``."""
-    if tensor.device.type == "cpu":
-        return tensor.numpy()
-    array = tensor.detach().cpu().numpy().view(_DeviceArray)
-    array._tensor = tensor
-    return array
-
-
-class Blob:
-    """A named activation blob: ``data`` and ``diff`` as numpy arrays that can be written."""
-
-    def __init__(self, shape: Sequence[int] = ()):
-        self._data = torch.zeros(tuple(shape))
-        self._diff = torch.zeros(tuple(shape))
-
-    @property
-    def data(self) -> np.ndarray:
-        return self._data.numpy()
-
-    @property
-    def diff(self) -> np.ndarray:
-        return self._diff.numpy()
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self._data.shape)
-
-    @property
-    def count(self) -> int:
-        return int(self._data.numel())
-
-    num = property(lambda self: self.shape[0] if self.shape else 1)
-    channels = property(lambda self: self.shape[1] if len(self.shape) > 1 else 1)
-    height = property(lambda self: self.shape[2] if len(self.shape) > 2 else 1)
-    width = property(lambda self: self.shape[3] if len(self.shape) > 3 else 1)
-
-    def reshape(self, *shape: int) -> None:
-        """Give the blob a new shape (contents become zeros), as Caffe's Blob::Reshape."""
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
-        shape = tuple(int(s) for s in shape)
-        if shape != self.shape:
-            self._data = torch.zeros(shape)
-            self._diff = torch.zeros(shape)
-
-    def _set(self, value: torch.Tensor) -> None:
-        value = value.detach()
-        if value.device.type != "cpu" or value.dtype != torch.float32:
-            value = value.to("cpu", torch.float32)
-        self._data = value
-        if self._diff.shape != value.shape:
-            self._diff = torch.zeros(value.shape)
-
-    def __repr__(self) -> str:
-        return f"Blob(shape={list(self.shape)})"
-
-
-class ParamBlob(Blob):
-    """A parameter blob: its data and diff are the module parameter and its ``.grad``."""
-
-    def __init__(self, owner: nn.ParameterList, index: int):  # noqa: D107 - no storage of its own
-        self._owner = owner
-        self._index = index
-
-    @property
-    def _param(self) -> torch.Tensor:
-        return self._owner[self._index]
-
-    @property
-    def data(self) -> np.ndarray:
-        return _numpy(self._data)
-
-    @property
-    def diff(self) -> np.ndarray:
-        return _numpy(self._diff)
-
-    @property
-    def _data(self) -> torch.Tensor:  # type: ignore[override]
-        return self._param.detach()
-
-    @property
-    def _diff(self) -> torch.Tensor:  # type: ignore[override]
-        param = self._param
-        if not isinstance(param, nn.Parameter):  # a PERMISSIVE-shared view: use the owner's grad
-            param = self._owner.parametrizations[str(self._index)].original
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        return param.grad.view(self._param.shape)
-
-    def reshape(self, *shape: int) -> None:
-        raise NetError("parameter blobs cannot be reshaped; assign a new net instead")
 
 
 class LayerView:
@@ -160,13 +58,20 @@ def _phase(value) -> int:
 
 
 def compile_net(model: str | Path | caffe_pb2.NetParameter, phase=TEST, level: int = 0,
-                stages: Iterable[str] = (), input_shapes=None) -> CaffeNet:
-    """Read, upgrade, filter and compile a net definition into a :class:`CaffeNet`."""
+                stages: Iterable[str] = (), input_shapes=None,
+                weights: str | Path | None = None) -> CaffeNet:
+    """Read, upgrade, filter and compile a net definition into a :class:`CaffeNet`,
+    loading ``weights`` first and drawing fillers only for the blobs they do not cover."""
     net_param, locations = read_net(model)
     state = make_state(_phase(phase), level, stages or (), net_param.state)
     graph = build_graph(net_param, state, locations)
     base_dir = Path(model).parent if isinstance(model, (str, Path)) else None
-    return CaffeNet(graph, base_dir=base_dir, input_shapes=input_shapes)
+    net = CaffeNet(graph, base_dir=base_dir, input_shapes=input_shapes, fill=weights is None)
+    if weights is not None:
+        copied = set(copy_weights(net, weights))
+        by_name = {step.name: net.layers[step.key] for step in net.steps}
+        net.fill_blobs({id(p) for name in copied for p in by_name[name].blobs})
+    return net
 
 
 class Net:
@@ -185,10 +90,11 @@ class Net:
                             "Net(model, weights, phase)")
         if phase is None:
             raise TypeError("Net() needs a phase: caffe.TRAIN or caffe.TEST")
-        self.module = module if module is not None else compile_net(model, phase, level,
-                                                                    stages or ())
-        if weights is not None:
-            copy_weights(self.module, weights)
+        if module is None:
+            module = compile_net(model, phase, level, stages or (), weights=weights)
+        elif weights is not None:
+            copy_weights(module, weights)
+        self.module = module
         self.module.to(mode_device())
         self._build_views()
 
@@ -197,10 +103,13 @@ class Net:
         m = self.module
         self.blobs: OrderedDict[str, Blob] = OrderedDict(
             (name, Blob(m.blob_shapes.get(name, ()))) for name in m.blob_names)
-        self.layers = [LayerView(m.layers[s.key], s.type, s.name) for s in m.steps]
+        # pycaffe's net.layers[i] of a Python layer is the user's layer object itself
+        self.layers = [m.layers[s.key].python if isinstance(m.layers[s.key], PythonLayer)
+                       else LayerView(m.layers[s.key], s.type, s.name) for s in m.steps]
         self._layer_names = [s.name for s in m.steps]
-        self.params: OrderedDict[str, list[ParamBlob]] = OrderedDict(
-            (view.name, view.blobs) for view in self.layers if view.blobs)
+        self._blob_names = list(self.blobs)
+        self.params: OrderedDict[str, Sequence[ParamBlob]] = OrderedDict(
+            (name, view.blobs) for name, view in zip(self._layer_names, self.layers) if view.blobs)
         self.layer_dict = OrderedDict(zip(self._layer_names, self.layers))
         self.inputs = list(m.input_names)
         self.outputs = list(m.output_names)
@@ -321,14 +230,70 @@ class Net:
                 if name in self.blobs and not step.is_input:
                     self.blobs[name].reshape(*shape)
 
+    def forward_all(self, blobs: Sequence[str] | None = None, **kwargs: np.ndarray
+                    ) -> dict[str, np.ndarray]:
+        """Forward any number of inputs in batch-sized chunks (the last one zero-padded);
+        returns the outputs (and ``blobs``) for exactly the given items."""
+        outs: dict[str, list[np.ndarray]] = {name: [] for name in {*self.outputs, *(blobs or ())}}
+        for batch in self._batch(kwargs):
+            for name, value in self.forward(blobs=blobs, **batch).items():
+                outs[name].extend(value.copy())
+        return self._unpad(outs, kwargs)
+
+    def forward_backward_all(self, blobs: Sequence[str] | None = None,
+                             diffs: Sequence[str] | None = None, **kwargs: np.ndarray
+                             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Forward inputs and backward output diffs (both by keyword) batch by batch; returns
+        the outputs and the input diffs (and ``blobs``/``diffs``) for the given items."""
+        outs: dict[str, list[np.ndarray]] = {name: [] for name in {*self.outputs, *(blobs or ())}}
+        grads: dict[str, list[np.ndarray]] = {name: [] for name in {*self.inputs, *(diffs or ())}}
+        forward = self._batch({k: v for k, v in kwargs.items() if k in self.inputs})
+        backward = self._batch({k: v for k, v in kwargs.items() if k in self.outputs})
+        for fb, bb in zip_longest(forward, backward, fillvalue={}):
+            for name, value in self.forward(blobs=blobs, **fb).items():
+                outs[name].extend(value.copy())
+            for name, value in self.backward(diffs=diffs, **bb).items():
+                grads[name].extend(value.copy())
+        return self._unpad(outs, kwargs), self._unpad(grads, kwargs)
+
+    def _batch(self, arrays: Mapping[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """pycaffe's ``Net._batch``: batch-sized slices, the last padded with zeros. No arrays
+        (a net fed by data layers): one pass."""
+        if not arrays:
+            yield {}
+            return
+        num = len(next(iter(arrays.values())))
+        size = next(iter(self.blobs.values())).shape[0]
+        for start in range(0, num, size):
+            batch = {}
+            for name, array in arrays.items():
+                chunk = np.asarray(array[start:start + size])
+                if len(chunk) < size:
+                    pad = np.zeros((size - len(chunk),) + chunk.shape[1:], dtype=chunk.dtype)
+                    chunk = np.concatenate([chunk, pad])
+                batch[name] = chunk
+            yield batch
+
+    @staticmethod
+    def _unpad(collected: dict[str, list[np.ndarray]], given: Mapping[str, np.ndarray]
+               ) -> dict[str, np.ndarray]:
+        """Stack collected items and drop the padding of the last batch."""
+        num = len(next(iter(given.values()))) if given else None
+        return {name: np.asarray(items[:num]) for name, items in collected.items()}
+
     def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
         """Serve these arrays from the net's first layer, a MemoryData (pycaffe's method)."""
         set_input_arrays(self.module, data, labels)
 
     # -- weights ------------------------------------------------------------------------
     def copy_from(self, path: str | Path) -> None:
-        """Load weights from a .caffemodel by layer name (unknown layers are ignored)."""
-        copy_weights(self.module, path)
+        """Load weights by layer name (unknown layers are ignored): a binary .caffemodel, or
+        HDF5 for ``*.h5`` (Caffe's ``CopyTrainedLayersFrom``)."""
+        copy_weights(self.module, read_hdf5_weights(path) if str(path).endswith(".h5") else path)
+
+    def load_hdf5(self, path: str | Path) -> None:
+        """Load ``.caffemodel.h5`` weights by layer name."""
+        copy_weights(self.module, read_hdf5_weights(path))
 
     def share_with(self, other: "Net") -> None:
         """Use ``other``'s parameter tensors for layers of the same name (Caffe's ShareTrainedLayersWith)."""
@@ -352,6 +317,10 @@ class Net:
     def save(self, path: str | Path) -> None:
         """Write the weights as a binary .caffemodel (atomically)."""
         save_caffemodel(self.module, path)
+
+    def save_hdf5(self, path: str | Path) -> None:
+        """Write the weights as ``.caffemodel.h5`` (Caffe's ``Net::ToHDF5``)."""
+        save_hdf5(self.module, path)
 
     def __repr__(self) -> str:
         return f"<caffe2torch.Net {self.module.name!r}: {len(self.layers)} layers>"

@@ -1,4 +1,4 @@
-"""Caffe's ``Solver``/``SGDSolver`` driver (solver.cpp, sgd_solver.cpp) and pycaffe's solver classes.
+"""Caffe's ``Solver``/``SGDSolver`` driver (solver.cpp, sgd_solver.cpp), pycaffe's solver classes.
 
 One :class:`Solver` owns the train net (a pycaffe :class:`~caffe2torch.net.Net` view over a
 compiled :class:`~caffe2torch.compiler.CaffeNet`), the test nets (sharing the trained
@@ -11,8 +11,13 @@ Training pass and pycaffe blobs: each iteration runs the net once per ``iter_siz
 back-propagates from the weighted loss only. Unlike ``Net.backward`` it does not retain a
 gradient for every activation blob (that costs time and memory on every iteration), so after
 ``step`` ``solver.net.blobs[name].data`` holds the last forward's values (losses included) but
-activation ``diff`` arrays are not the training gradients. Parameter diffs are the real
-accumulated gradients until ``apply_update`` rewrites them.
+activation ``diff`` arrays are not the training gradients. Parameter diffs keep the
+accumulated gradients after the update (Caffe leaves the update step there), which is also
+what ``snapshot_diff`` stores.
+
+The nets run on pycaffe's mode (``caffe2torch.mode.set_mode_gpu``), as in Caffe, where a
+solver file's ``solver_mode``/``device_id`` are read by ``caffe train`` only
+(:mod:`caffe2torch.caffe_tool`).
 """
 from __future__ import annotations
 
@@ -100,12 +105,13 @@ def _loss_note(weight: float, value: float) -> str:
 # -- building the nets ------------------------------------------------------------------------
 
 def _find(path: str, solver_dir: Path | None, what: str) -> Path:
-    """A path from the solver: relative to the working directory as in Caffe, else to the solver."""
+    """A path named in a solver: from the working directory as in Caffe, else beside the solver."""
     candidate = Path(path)
     if candidate.exists():
         return candidate
-    if solver_dir is not None and not candidate.is_absolute() and (solver_dir / candidate).exists():
-        return solver_dir / candidate
+    beside = solver_dir / candidate if solver_dir is not None else None
+    if beside is not None and not candidate.is_absolute() and beside.exists():
+        return beside
     where = f" or in {solver_dir}" if solver_dir is not None else ""
     raise FormatError(path, f"{what} not found (looked in the working directory{where})")
 
@@ -115,7 +121,7 @@ def _find(path: str, solver_dir: Path | None, what: str) -> Path:
 Outputs = list[tuple[str, np.ndarray]]
 
 
-def _feed(net: Net, device: torch.device) -> dict[str, torch.Tensor]:
+def feed_inputs(net: Net, device: torch.device) -> dict[str, torch.Tensor]:
     """Input blobs from the Net view, where pycaffe users write them."""
     return {name: net.blobs[name]._data.to(device) for name in net.module.input_names}
 
@@ -145,7 +151,7 @@ def forward_scores(net: Net, device: torch.device) -> tuple[np.float32, Outputs]
     (Caffe's output order); the Net view's blobs get the pass's values."""
     seen: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        env, loss = _run(net, _feed(net, device), seen)
+        env, loss = _run(net, feed_inputs(net, device), seen)
     _publish(net, seen)
     return F32(0 if loss is None else loss.item()), _flat_outputs(net.module, env)
 
@@ -406,7 +412,7 @@ class Solver:
     def _forward_backward(self) -> tuple[np.float32, dict[str, torch.Tensor],
                                          dict[str, torch.Tensor]]:
         """``iter_size`` ForwardBackward passes; the loss is their float32 mean."""
-        feed = _feed(self.net, self.device)
+        feed = feed_inputs(self.net, self.device)
         total = F32(0)
         env: dict[str, torch.Tensor] = {}
         seen: dict[str, torch.Tensor] = {}
@@ -481,7 +487,7 @@ class Solver:
         _publish(self.net, seen)
 
     def apply_update(self) -> None:
-        """``SGDSolver::ApplyUpdate``: rate, clip, normalize, regularize, update (no ``iter++``)."""
+        """``SGDSolver::ApplyUpdate``: rate, clip, normalize, regularize, update; no ``iter++``."""
         p = self.param
         rate, step = self._learning_rate()
         if p.lr_policy == "multistep" and step != self.current_step:
@@ -534,7 +540,7 @@ class Solver:
             self.test(i)
 
     def test(self, test_net_id: int = 0) -> list[float]:
-        """Caffe's ``Solver::Test``: the mean of every output element over ``test_iter`` batches."""
+        """Caffe's ``Solver::Test``: each output element's mean over ``test_iter`` batches."""
         p = self.param
         log.info("Iteration %d, Testing net (#%d)", self.iter, test_net_id)
         net = self.test_nets[test_net_id]
@@ -607,7 +613,7 @@ class Solver:
 
     @staticmethod
     def _learned_net(stored: str, state_file: Path) -> Path:
-        """``learned_net`` as stored (Caffe: relative to the working directory), else beside the state."""
+        """``learned_net`` as stored (Caffe: from the working directory), else beside the state."""
         for candidate in (Path(stored), state_file.parent / stored,
                           state_file.parent / Path(stored).name):
             if candidate.exists():
@@ -642,5 +648,6 @@ def get_solver(solver: SolverSource) -> Solver:
 
 
 __all__ = ["AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "GlogFormatter", "NesterovSolver",
-           "RMSPropSolver", "SGDSolver", "SOLVERS", "Solver", "SolverAction", "TrainingError", "fmt",
-           "get_solver", "log_to_stderr", "upgrade_snapshot_prefix"]
+           "OutputSums", "RMSPropSolver", "SGDSolver", "SOLVERS", "Solver", "SolverAction",
+           "TrainingError", "feed_inputs", "fmt", "forward_scores", "get_solver", "log_to_stderr",
+           "output_lines", "upgrade_snapshot_prefix"]

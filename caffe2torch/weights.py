@@ -35,17 +35,22 @@ def copy_weights(net: CaffeNet, source: str | Path | Iterable[LayerRecord]) -> l
     records = read_caffemodel(source) if isinstance(source, (str, Path)) else list(source)
     where = str(source) if isinstance(source, (str, Path)) else "weights"
     targets = {step.name: net.layers[step.key] for step in net.steps}
+    owners = {(lp.layer, lp.index) for lp in net.learnable}
     copied = []
     for record in records:
         layer = targets.get(record.name)
         if layer is None:
             continue
-        if len(record.blobs) != len(layer.blobs):
+        # HDF5 weights (Net::ToHDF5) store a shared param under its owner layer only
+        blobs = list(record.blobs) + [None] * (len(layer.blobs) - len(record.blobs))
+        if len(blobs) != len(layer.blobs) or \
+                any(b is None and (record.name, i) in owners for i, b in enumerate(blobs)):
+            stored = sum(b is not None for b in record.blobs)
             raise NetError(f"{where}: incompatible number of blobs for layer '{record.name}': "
-                           f"file has {len(record.blobs)}, the net expects {len(layer.blobs)}",
+                           f"file has {stored}, the net expects {len(layer.blobs)}",
                            layer=record.name, layer_type=layer.param.type, location=layer.location)
-        for i, (blob, param) in enumerate(zip(record.blobs, layer.blobs)):
-            if blob is None:  # HDF5 weights store a shared param under its owner only
+        for i, (blob, param) in enumerate(zip(blobs, layer.blobs)):
+            if blob is None:
                 continue
             shape = tuple(param.shape)
             if not shape_matches(blob, shape) or blob.data.size != param.numel():

@@ -28,7 +28,7 @@ def _recipe(case_dir: Path) -> dict[str, list[np.ndarray]]:
 def _close(what: str, ours: np.ndarray, theirs: np.ndarray, rtol: float, atol: float) -> None:
     ours = np.asarray(ours)
     if ours.shape == () and theirs.shape == (1,):
-        # Caffe blobs with 0 axes (a shared PReLU slope, a scalar Scale) are recorded as (1,).
+        # Caffe blobs with 0 axes (losses, a shared PReLU slope) are recorded as (1,).
         ours = ours.reshape(1)
     assert ours.shape == theirs.shape, f"{what}: shape {list(ours.shape)}, Caffe {list(theirs.shape)}"
     np.testing.assert_allclose(ours, theirs, rtol=rtol, atol=atol, err_msg=what)

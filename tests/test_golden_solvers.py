@@ -62,7 +62,7 @@ def load_case(name: str) -> Case:
 
 
 def make_solver(case: Case) -> Solver:
-    """A solver for the case, started from init.caffemodel (train and test nets, as ``-weights``)."""
+    """A solver for the case, started from init.caffemodel (all its nets, as ``-weights``)."""
     solver = get_solver(case.dir / case.spec["solver"])
     for net in (solver.net, *solver.test_nets):
         net.copy_from(case.dir / case.spec["weights"])
@@ -114,8 +114,8 @@ def test_solver_trajectory(name: str, tmp_path: Path, monkeypatch: pytest.Monkey
     t = case.trajectory
     close("loss (smoothed, as logged)", run.loss, t["loss"], case.rtol, case.atol)
     close("lr", run.lr, t["lr"], 1e-7, 0)
-    for net, outputs in enumerate(run.solver.test_nets):
-        keys = [f"test/{net}/{o}" for o in outputs.outputs]
+    for net, test_net in enumerate(run.solver.test_nets):
+        keys = [f"test/{net}/{o}" for o in test_net.outputs]
         if not any(k in t.files for k in keys):
             continue
         got = np.array(run.tests.get(net, []))
@@ -129,9 +129,14 @@ def test_solver_trajectory(name: str, tmp_path: Path, monkeypatch: pytest.Monkey
         close(key, blob.numpy(), t[key], case.rtol / TIGHTEN, case.atol / TIGHTEN)
 
 
-SNAPSHOT_CASES = [c for c in CASES if (shared_root() / "golden" / "solvers" / c /
-                                       "snapshot_iter_20.solverstate").is_file()] \
-    if CASES and not CASES[0].startswith("<") else CASES
+def cases_with(file: str) -> list[str]:
+    """The cases holding ``file`` (the missing-data marker passes through, to fail loudly)."""
+    if not CASES or CASES[0].startswith("<"):
+        return CASES
+    return [c for c in CASES if (shared_root() / "golden" / "solvers" / c / file).is_file()]
+
+
+SNAPSHOT_CASES = cases_with("snapshot_iter_20.solverstate")
 
 
 def layer_messages(path) -> list[str]:
@@ -152,8 +157,9 @@ def test_snapshot_matches_caffe(name: str, tmp_path: Path,
     solver = make_solver(case)
     solver.step(case.spec["snapshot_iter"])
     stem = f"snapshot_iter_{case.spec['snapshot_iter']}"
-    assert (tmp_path / f"{stem}.caffemodel").is_file() and (tmp_path / f"{stem}.solverstate").is_file()
-    ours, theirs = read_solverstate(f"{stem}.solverstate"), read_solverstate(case.dir / f"{stem}.solverstate")
+    assert (tmp_path / f"{stem}.caffemodel").is_file()
+    ours = read_solverstate(f"{stem}.solverstate")
+    theirs = read_solverstate(case.dir / f"{stem}.solverstate")
     assert (ours.iter, ours.learned_net, ours.current_step) == \
         (theirs.iter, theirs.learned_net, theirs.current_step)
     assert [h.shape for h in ours.history] == [h.shape for h in theirs.history]
@@ -192,8 +198,7 @@ def test_resume(name: str, source: str, tmp_path: Path, monkeypatch: pytest.Monk
 
 # -- caffe train's log ----------------------------------------------------------------------
 
-LOG_CASES = [c for c in CASES if (shared_root() / "golden" / "solvers" / c / "train.log").is_file()] \
-    if CASES and not CASES[0].startswith("<") else CASES
+LOG_CASES = cases_with("train.log")
 # The log lines that carry results (and the ones parse_log.py reads), in Caffe's order.
 KEPT = re.compile(r"Iteration \d+|net output #|Snapshotting|Optimization Done|Solving|"
                   r"Learning Rate Policy|Finetuning from|Creating (test|training) net|Use CPU")
@@ -207,7 +212,8 @@ def log_messages(text: str) -> list[str]:
         head, sep, message = line.partition("] ")
         if not sep or not re.match(r"[IWEF]\d{4}", head) or not KEPT.search(message):
             continue
-        out.append(re.sub(r"\(\S+ iter/s, \S+s/(\d+) iters\)", r"(? iter/s, ?s/\1 iters)", message))
+        out.append(re.sub(r"\(\S+ iter/s, \S+s/(\d+) iters\)", r"(? iter/s, ?s/\1 iters)",
+                          message))
     return out
 
 
@@ -240,3 +246,29 @@ def test_train_log(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     for a, b in zip(ours, theirs):
         assert same_message(a, b), f"ours: {a}\nCaffe: {b}"
     assert (work / f"snapshot_iter_{case.spec['max_iter']}.caffemodel").is_file()
+
+
+def test_hdf5_snapshot_with_shared_weights(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """HDF5 snapshots store a shared param under its owner only (Net::ToHDF5) and restore
+    exactly; the solver is built from a SolverParameter message with ``solver_dir``."""
+    from caffe2torch.formats import read_hdf5_weights, read_solver
+    from caffe2torch.solver import SGDSolver
+
+    case = load_case("weight_sharing")
+    monkeypatch.chdir(tmp_path)
+    param = read_solver(case.dir / "solver.prototxt")
+    param.snapshot_format = caffe_pb2.SolverParameter.HDF5
+    first = SGDSolver(param, solver_dir=case.dir)
+    first.net.copy_from(case.dir / "init.caffemodel")
+    first.step(10)
+    model, state = first.snapshot()
+    stored = {r.name: len(r.blobs) for r in read_hdf5_weights(model)}
+    assert stored["ip_a"] == 2 and stored["ip_b"] == 0
+    first.step(10)
+    resumed = SGDSolver(param, solver_dir=case.dir)
+    resumed.restore(state)
+    resumed.step(10)
+    for layer, blobs in first.net.params.items():
+        for a, b in zip(blobs, resumed.net.params[layer]):
+            np.testing.assert_array_equal(a.data, b.data)

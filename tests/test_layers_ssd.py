@@ -277,7 +277,7 @@ def test_multibox_loss_variants_give_finite_losses_and_gradients(tmp_path, param
     gt = np.array([[[[0, 1, 0, 0.1, 0.1, 0.45, 0.4, 0], [1, 2, 0, 0.5, 0.5, 0.9, 0.95, 1],
                      [1, 1, 1, 0.0, 0.45, 0.3, 0.9, 0]]]], np.float32)
     net = _multibox(tmp_path, param, loc, conf, _priors(), gt)
-    assert np.isfinite(net.blobs["loss"].data).all() and net.blobs["loss"].data[0] > 0
+    assert np.isfinite(net.blobs["loss"].data).all() and float(net.blobs["loss"].data) > 0
     assert np.isfinite(net.blobs["conf"].diff).all() and net.blobs["conf"].diff.any()
     assert np.isfinite(net.blobs["loc"].diff).all()
 
@@ -314,11 +314,11 @@ def test_fork_switch_selects_ssd_accuracy_ties(tmp_path, monkeypatch):
     body = inputs(s=(1, 3), l=(1,)) + layer("Accuracy", ["s", "l"], ["a"],
                                             "accuracy_param { top_k: 1 }")
     values = dict(s=np.array([[1, 1, 0]], np.float32), l=np.array([1], np.float32))
-    assert forward(make_net(tmp_path, body), **values).blobs["a"].data[0] == 0
+    assert forward(make_net(tmp_path, body), **values).blobs["a"].data.item() == 0
     with using_fork("ssd"):
         net = make_net(tmp_path, body)
     assert current_fork() is None
-    assert forward(net, **values).blobs["a"].data[0] == 1
+    assert forward(net, **values).blobs["a"].data.item() == 1
     monkeypatch.setenv(ENV_VAR, "ssd")
     assert current_fork() == "ssd"
     with using_fork(None):        # an explicit choice wins over the environment
@@ -493,7 +493,7 @@ def test_mobilenet_ssd_trains_from_annotated_data(tmp_path):
     caffe.set_random_seed(0)
     net = caffe.Net(str(tmp_path / "train.prototxt"), caffe.TRAIN)
     net.forward()
-    loss = float(net.blobs["mbox_loss"].data[0])
+    loss = float(net.blobs["mbox_loss"].data)
     assert np.isfinite(loss) and loss > 0
     net.backward()
     grad = net.params["conv0"][0].diff

@@ -115,7 +115,8 @@ def test_snapshot_restore_round_trip_is_exact(problem: Path, fmt: str) -> None:
     first.step(10)
     model, state = first.snapshot()
     suffix = ".h5" if fmt == "HDF5" else ""
-    assert (model, state) == (f"snap_iter_10.caffemodel{suffix}", f"snap_iter_10.solverstate{suffix}")
+    assert model == f"snap_iter_10.caffemodel{suffix}"
+    assert state == f"snap_iter_10.solverstate{suffix}"
     first.step(10)
     assert first.current_step == 1
     resumed = AdamSolver("solver.prototxt")
@@ -357,6 +358,19 @@ def test_cli_test(problem: Path) -> None:
     assert float(tail[1].split(" = ")[1]) == pytest.approx(np.mean(accuracy), rel=1e-5)
     mean = float(tail[2].split()[2])
     assert tail[2] == f"loss = {mean:g} (* 1 = {mean:g} loss)"
+
+
+def test_cli_test_matches_caffe(tmp_path: Path) -> None:
+    """golden/tools/caffe_test: the same per-batch and mean lines as ``caffe test``."""
+    case = shared_root() / "golden" / "tools" / "caffe_test"
+    done = cli("test", "-model", str(case / "net.prototxt"), "-weights",
+               str(case / "weights.caffemodel"), "-iterations", "3", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+
+    def results(text: str) -> list[str]:
+        return [m for m in messages(text) if re.match(r"Running for|Batch \d|Loss: |\w+ = ", m)]
+
+    assert results(done.stderr) == results((case / "output.log").read_text())
 
 
 def test_cli_time_matches_caffes_report(tmp_path: Path) -> None:

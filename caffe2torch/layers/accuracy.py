@@ -45,7 +45,7 @@ class Accuracy(CaffeLayer):
                              f"top_k {self.top_k}, predictions {list(scores)} with "
                              f"{math.prod(labels)} labels")
         classes = class_layout(self, self.axis, bottom_shapes, "accuracy_param.axis")[2]
-        return [(1,), (classes,)][:self.num_tops]
+        return [(), (classes,)][:self.num_tops]
 
     @torch.no_grad()
     def forward(self, scores: torch.Tensor, label: torch.Tensor):
@@ -66,9 +66,9 @@ class Accuracy(CaffeLayer):
             accuracy = torch.where(count > 0, hits.sum() / count.clamp_min(1),
                                    torch.zeros_like(count))
         if self.num_tops < 2:
-            return accuracy.reshape(1)
+            return accuracy.reshape(())
         flat = index.reshape(-1)
         seen = scores.new_zeros(classes).scatter_add_(0, flat, valid.reshape(-1).to(scores.dtype))
         right = scores.new_zeros(classes).scatter_add_(0, flat, hits.reshape(-1))
         per_class = torch.where(seen > 0, right / seen.clamp_min(1), torch.zeros_like(seen))
-        return accuracy.reshape(1), per_class
+        return accuracy.reshape(()), per_class

@@ -7,8 +7,8 @@ by ``top[0]->cpu_diff()[0]``. This keeps Caffe's numbers where its backward is n
 the derivative of its forward (clipped logs, the contrastive ``dist + 1e-4``,
 softmax gradients past ``FLT_MIN``). Label-like bottoms never get a gradient.
 
-The loss top has shape ``(1,)``: Caffe's 0-axis scalar, as pycaffe and the golden
-data report it.
+The loss top is Caffe's 0-axis scalar (shape ``()``), as pycaffe shows it, so scripts
+can write ``float(net.blobs['loss'].data)``.
 """
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ class _LossLayer(CaffeLayer):
 
     def infer_shapes(self, bottom_shapes: list[Shape]) -> list[Shape]:
         self.check_shapes(bottom_shapes)
-        return [(1,), *self.extra_top_shapes(bottom_shapes)]
+        return [(), *self.extra_top_shapes(bottom_shapes)]
 
     def _evaluate(self, bottoms: Sequence[torch.Tensor], need_grad: Sequence[bool]) -> LossValue:
         raise NotImplementedError
@@ -182,7 +182,7 @@ class _LossLayer(CaffeLayer):
 
 
 def _scalar(total: torch.Tensor, normalizer: torch.Tensor | float) -> torch.Tensor:
-    return (total / normalizer).reshape(1)
+    return (total / normalizer).reshape(())
 
 
 # -- softmax-based losses ----------------------------------------------------------------

@@ -16,8 +16,7 @@ _OP = caffe_pb2.ReductionParameter
 class Reduction(CaffeLayer):
     """Reduces every axis from ``axis`` to the end; the top keeps the axes before it.
 
-    With ``axis`` 0 (the default) Caffe's top is a 0-axis scalar, shaped ``(1,)`` here
-    as pycaffe's recorded blobs and the loss layers' tops are.
+    With ``axis`` 0 (the default) the top is a 0-axis scalar, as in Caffe.
 
     The top is ``coeff * reduce(x)``; MEAN is SUM with ``coeff / dim`` (computed in
     float32 as Caffe does). Autograd's gradients are Caffe's: ``coeff * dy`` for SUM and
@@ -46,6 +45,4 @@ class Reduction(CaffeLayer):
         coeff = self.coeff
         if self.op == _OP.MEAN:
             coeff = float(np.float32(coeff) / np.float32(rows.shape[-1]))
-        if axis == 0:
-            top = top.reshape(1)
         return top if coeff == 1.0 else top * coeff
