@@ -84,13 +84,17 @@ def replay(group: str, name: str) -> None:
         net.blobs[name_].data[...] = value
     net.reshape()
     net.forward()
-    for key in blobs.files:
-        kind, _, rest = key.partition("/")
-        if kind == "data":
-            close(key, net.blobs[rest].data, blobs[key], rtol, atol)
-        elif kind == "param":
-            layer, i = rest.rsplit("/", 1)
-            close(key, net.params[layer][int(i)].data, blobs[key], rtol, atol)
+
+    def compare(blob_kind: str, param_kind: str, field: str) -> None:
+        for key in blobs.files:
+            kind, _, rest = key.partition("/")
+            if kind == blob_kind:
+                close(key, getattr(net.blobs[rest], field), blobs[key], rtol, atol)
+            elif kind == param_kind:
+                layer, i = rest.rsplit("/", 1)
+                close(key, getattr(net.params[layer][int(i)], field), blobs[key], rtol, atol)
+
+    compare("data", "param", "data")
     if not spec.get("backward"):
         return
     for blob in spec.get("topdiff", []):
@@ -99,10 +103,4 @@ def replay(group: str, name: str) -> None:
         for p in params:
             p.diff[...] = 0
     net.backward()
-    for key in blobs.files:
-        kind, _, rest = key.partition("/")
-        if kind == "diff":
-            close(key, net.blobs[rest].diff, blobs[key], rtol, atol)
-        elif kind == "param_diff":
-            layer, i = rest.rsplit("/", 1)
-            close(key, net.params[layer][int(i)].diff, blobs[key], rtol, atol)
+    compare("diff", "param_diff", "diff")
