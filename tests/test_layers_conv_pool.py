@@ -434,3 +434,27 @@ def test_configuration_errors_name_layer_and_expectation(tmp_path, layer, shape,
     text = str(info.value)
     assert f"layer 'L' ({type_})" in text
     assert message in text
+
+
+def test_fast_weight_gradients_switch_stays_close_to_exact(tmp_path):
+    """set_exact_weight_grads(False) trades Caffe's image-by-image weight-gradient sum for
+    oneDNN's: the gradient stays within 1e-5 relative of the exact one."""
+    from caffe2torch.layers.conv import set_exact_weight_grads
+
+    path = tmp_path / "net.prototxt"
+    path.write_text('layer { name: "d" type: "Input" top: "d" input_param { shape { dim: 8 '
+                    'dim: 3 dim: 12 dim: 12 } } }\nlayer { name: "c" type: "Convolution" '
+                    'bottom: "d" top: "c" convolution_param { num_output: 6 kernel_size: 3 '
+                    'weight_filler { type: "gaussian" std: 0.1 } } }\n')
+    model = caffe.load(str(path))
+    x = torch.randn(8, 3, 12, 12)
+    grads = []
+    for exact in (True, False):
+        set_exact_weight_grads(exact)
+        try:
+            model.zero_grad()
+            model(x).square().sum().backward()
+            grads.append(model.layers["c"].blobs[0].grad.clone())
+        finally:
+            set_exact_weight_grads(True)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)

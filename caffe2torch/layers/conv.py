@@ -116,6 +116,19 @@ def _without_mkldnn() -> Iterator[None]:
         torch._C._set_mkldnn_enabled(previous)
 
 
+_exact_weight_grads = [True]
+
+
+def set_exact_weight_grads(exact: bool) -> None:
+    """Choose how CPU convolutions sum their weight gradients over the batch.
+
+    ``True`` (the default): image by image, as Caffe does (about 3e-7 relative error);
+    ``False``: oneDNN's blocked reduction, about 1e-6 relative but up to 1.5x faster
+    training on small conv nets (see README, Speed). GPU convolutions are unaffected.
+    """
+    _exact_weight_grads[0] = bool(exact)
+
+
 class _CaffeWeightGradConv(torch.autograd.Function):
     """A CPU convolution whose weight and bias gradients are summed image by image.
 
@@ -225,7 +238,8 @@ class _ConvolutionBase(CaffeLayer):
             y, weight = y.unsqueeze(-1), weight.unsqueeze(-1)
         conf = (list(g.stride) or [1], list(g.pad) or [0], list(g.dilation) or [1],
                 self.transposed, [0] * max(len(g.kernel), 1), self.groups)
-        if (self.precise_weight_grad and y.device.type == "cpu" and torch.is_grad_enabled()
+        if (self.precise_weight_grad and _exact_weight_grads[0] and y.device.type == "cpu"
+                and torch.is_grad_enabled()
                 and not torch.jit.is_tracing()
                 and (weight.requires_grad or (bias is not None and bias.requires_grad))):
             out = _CaffeWeightGradConv.apply(y, weight, bias, conf)
