@@ -8,22 +8,9 @@ import torch
 
 import caffe2torch as caffe
 from caffe2torch import FormatError, NetError
+from prototxt import inputs, layer
 
 FLT_MIN = np.finfo(np.float32).tiny
-
-
-def inputs(**shapes: tuple[int, ...]) -> str:
-    """Input layers, one per keyword, with those shapes."""
-    return "".join(
-        f'layer {{ name: "{name}" type: "Input" top: "{name}" input_param {{ shape {{ '
-        + " ".join(f"dim: {d}" for d in shape) + " } } }\n"
-        for name, shape in shapes.items())
-
-
-def layer(type_: str, bottoms: list[str], tops: list[str], extra: str = "", name: str = "L") -> str:
-    return (f'layer {{ name: "{name}" type: "{type_}" '
-            + " ".join(f'bottom: "{b}"' for b in bottoms) + " "
-            + " ".join(f'top: "{t}"' for t in tops) + f" {extra} }}\n")
 
 
 def make_net(tmp_path, body: str, phase=caffe.TRAIN) -> caffe.Net:

@@ -15,19 +15,7 @@ from caffe2torch.forks import ENV_VAR, current_fork, set_fork, using_fork
 from caffe2torch.layers.ssd_bbox import jaccard, match, nms_fast
 from caffe2torch.proto import caffe_pb2
 from conftest import shared_dir
-
-
-def inputs(**shapes: tuple[int, ...]) -> str:
-    return "".join(
-        f'layer {{ name: "{name}" type: "Input" top: "{name}" input_param {{ shape {{ '
-        + " ".join(f"dim: {d}" for d in shape) + " } } }\n"
-        for name, shape in shapes.items())
-
-
-def layer(type_: str, bottoms: list[str], tops: list[str], extra: str = "", name: str = "L") -> str:
-    return (f'layer {{ name: "{name}" type: "{type_}" '
-            + " ".join(f'bottom: "{b}"' for b in bottoms) + " "
-            + " ".join(f'top: "{t}"' for t in tops) + f" {extra} }}\n")
+from prototxt import inputs, layer
 
 
 def make_net(tmp_path, body: str, phase=caffe.TEST) -> caffe.Net:
