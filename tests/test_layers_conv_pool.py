@@ -438,7 +438,8 @@ def test_configuration_errors_name_layer_and_expectation(tmp_path, layer, shape,
 
 def test_fast_weight_gradients_switch_stays_close_to_exact(tmp_path):
     """set_exact_weight_grads(False) trades Caffe's image-by-image weight-gradient sum for
-    oneDNN's: the gradient stays within 1e-5 relative of the exact one."""
+    oneDNN's: the gradient stays within 1e-5 of the exact one in relative L2 norm (single
+    elements can differ more where the sum cancels)."""
     from caffe2torch.layers.conv import set_exact_weight_grads
 
     path = tmp_path / "net.prototxt"
@@ -447,6 +448,7 @@ def test_fast_weight_gradients_switch_stays_close_to_exact(tmp_path):
                     'bottom: "d" top: "c" convolution_param { num_output: 6 kernel_size: 3 '
                     'weight_filler { type: "gaussian" std: 0.1 } } }\n')
     model = caffe.load(str(path))
+    torch.manual_seed(0)
     x = torch.randn(8, 3, 12, 12)
     grads = []
     for exact in (True, False):
@@ -457,4 +459,4 @@ def test_fast_weight_gradients_switch_stays_close_to_exact(tmp_path):
             grads.append(model.layers["c"].blobs[0].grad.clone())
         finally:
             set_exact_weight_grads(True)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 1e-5
