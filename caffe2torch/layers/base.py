@@ -27,6 +27,19 @@ class LayerSpec:
     extras: dict = field(default_factory=dict)
 
 
+def canonical_axis(layer: "CaffeLayer", axis: int, shape: Sequence[int], what: str = "axis") -> int:
+    """Caffe's ``Blob::CanonicalAxisIndex``: ``-ndim <= axis < ndim``, negatives count back.
+
+    An axis out of range is an error naming the layer, the field and the bottom's shape.
+    """
+    n = len(shape)
+    if not -n <= axis < n:
+        raise layer.error(f"{what} {axis} is out of range for the {n}-D bottom {list(shape)}: "
+                          f"expected {-n} <= axis < {n}, got {axis} (that is, expected an axis in "
+                          f"[{-n}, {n - 1}])")
+    return axis + n if axis < 0 else axis
+
+
 class CaffeLayer(nn.Module):
     """One Caffe layer as an ``nn.Module``.
 

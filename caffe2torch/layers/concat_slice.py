@@ -5,9 +5,8 @@ from typing import Sequence
 
 import torch
 
-from .base import CaffeLayer, LayerSpec
+from .base import CaffeLayer, LayerSpec, canonical_axis
 from .registry import register
-from .reshape import canonical_axis
 
 
 class _AxisLayer(CaffeLayer):

@@ -17,16 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..proto import caffe_pb2
-from .base import CaffeLayer, LayerSpec, Shape
+from .base import CaffeLayer, LayerSpec, Shape, canonical_axis
 from .registry import register
-
-
-def canonical_axis(layer: CaffeLayer, axis: int, num_axes: int, field: str = "axis") -> int:
-    """Caffe's ``Blob::CanonicalAxisIndex``: -num_axes <= axis < num_axes, negatives count back."""
-    if not -num_axes <= axis < num_axes:
-        raise layer.error(f"{field} is out of range for a {num_axes}-D bottom: expected "
-                          f"{-num_axes} <= {field} < {num_axes}, got {axis}")
-    return axis + num_axes if axis < 0 else axis
 
 
 def filler_of(message, field: str) -> caffe_pb2.FillerParameter | None:
@@ -90,7 +82,7 @@ def _axis_values(layer: CaffeLayer, p: caffe_pb2.ConvolutionParameter, name: str
 def conv_geometry(layer: CaffeLayer, shape: Shape, *, min_spatial: int = 0) -> ConvGeometry:
     """Parse ``convolution_param`` for a bottom of ``shape`` with Caffe's checks."""
     p = layer.param.convolution_param
-    axis = canonical_axis(layer, p.axis, len(shape))
+    axis = canonical_axis(layer, p.axis, shape)
     num_spatial = len(shape) - axis - 1
     if num_spatial < min_spatial:
         raise layer.error(f"needs at least {min_spatial} spatial axis after channel axis {axis}: "

@@ -6,8 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import CaffeLayer, LayerSpec
-from .conv import canonical_axis, filler_of
+from .base import CaffeLayer, LayerSpec, canonical_axis
+from .conv import filler_of
 from .registry import register
 
 
@@ -31,7 +31,7 @@ class InnerProduct(CaffeLayer):
                              f"{self.num_output}")
         self.axis_param = int(p.axis)
         shape = spec.bottom_shapes[0]
-        axis = canonical_axis(self, self.axis_param, len(shape))
+        axis = canonical_axis(self, self.axis_param, shape)
         self.k = math.prod(shape[axis:])
         self.transpose = bool(p.transpose)
         weight_shape = (self.k, self.num_output) if self.transpose else (self.num_output, self.k)
@@ -41,7 +41,7 @@ class InnerProduct(CaffeLayer):
             self.add_blob((self.num_output,), filler_of(p, "bias_filler"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        axis = canonical_axis(self, self.axis_param, x.dim())
+        axis = canonical_axis(self, self.axis_param, x.shape)
         k = math.prod(x.shape[axis:])
         if k != self.k:
             raise self.error(f"input size incompatible with the weights: expected {self.k} "

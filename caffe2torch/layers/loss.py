@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..errors import FormatError
 from ..formats.caffemodel import blob_record
 from ..proto import caffe_pb2
-from .base import CaffeLayer, LayerSpec, Shape
+from .base import CaffeLayer, LayerSpec, Shape, canonical_axis
 from .registry import register
 
 FLT_MIN = float(np.finfo(np.float32).tiny)   # Caffe's FLT_MIN clip in SoftmaxWithLoss
@@ -32,15 +32,6 @@ _Mode = caffe_pb2.LossParameter
 
 
 # -- helpers shared by the loss and accuracy layers ------------------------------------
-def canonical_axis(layer: CaffeLayer, axis: int, shape: Shape, what: str) -> int:
-    """Caffe's ``Blob::CanonicalAxisIndex``: negative axes count from the end."""
-    ndim = len(shape)
-    if not -ndim <= axis < ndim:
-        raise layer.error(f"{what} {axis} is out of range for the {ndim}-D bottom "
-                          f"{list(shape)}: expected an axis in [{-ndim}, {ndim - 1}]")
-    return axis + ndim if axis < 0 else axis
-
-
 def class_layout(layer: CaffeLayer, axis: int, shapes: Sequence[Shape],
                  what: str) -> tuple[int, int, int, int]:
     """``(axis, outer, classes, inner)`` of a class-scored bottom 0 against labels bottom 1.

@@ -5,9 +5,8 @@ import numpy as np
 import torch
 
 from ..proto import caffe_pb2
-from .base import CaffeLayer, LayerSpec
+from .base import CaffeLayer, LayerSpec, canonical_axis
 from .registry import register
-from .reshape import canonical_axis
 
 _OP = caffe_pb2.ReductionParameter
 

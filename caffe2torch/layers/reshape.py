@@ -10,21 +10,8 @@ from typing import Sequence
 
 import torch
 
-from .base import CaffeLayer, LayerSpec
+from .base import CaffeLayer, LayerSpec, canonical_axis
 from .registry import register
-
-
-def canonical_axis(layer: CaffeLayer, axis: int, shape: Sequence[int], what: str = "axis") -> int:
-    """Caffe's ``Blob::CanonicalAxisIndex``: negative axes count from the end.
-
-    Anything outside ``[-ndim, ndim)`` is an error naming the layer, the field and the
-    bottom's shape.
-    """
-    n = len(shape)
-    if not -n <= axis < n:
-        raise layer.error(f"{what} {axis} is out of range for a bottom of shape {list(shape)}: "
-                          f"expected {-n} <= {what} < {n}")
-    return axis + n if axis < 0 else axis
 
 
 def _forbid_in_place(layer: CaffeLayer, spec: LayerSpec) -> None:

@@ -9,22 +9,14 @@ from __future__ import annotations
 import torch
 
 from ..proto import caffe_pb2
-from .base import CaffeLayer, LayerSpec, Shape
+from .base import CaffeLayer, LayerSpec, Shape, canonical_axis
 from .registry import register
-
-
-def _canonical_axis(layer: CaffeLayer, axis: int, ndim: int, what: str) -> int:
-    """Blob::CanonicalAxisIndex: -ndim <= axis < ndim, negative counts from the end."""
-    if not -ndim <= axis < ndim:
-        raise layer.error(f"{what} {axis} is out of range for a bottom of {ndim} axes: "
-                          f"expected {-ndim} <= axis < {ndim}")
-    return axis + ndim if axis < 0 else axis
 
 
 def _learned_shape(layer: CaffeLayer, bottom: Shape, axis: int, num_axes: int,
                    what: str) -> Shape:
     """The shape of a learned operand: ``bottom[axis : axis + num_axes]`` (-1: to the end)."""
-    axis = _canonical_axis(layer, axis, len(bottom), f"{what}.axis")
+    axis = canonical_axis(layer, axis, bottom, f"{what}.axis")
     if num_axes < -1:
         raise layer.error(f"{what}.num_axes must be non-negative, or -1 to extend to the end "
                           f"of bottom[0], got {num_axes}")
@@ -39,7 +31,7 @@ def _operand_axis(layer: CaffeLayer, bottom: Shape, operand: Shape, axis: int,
     """Reshape's checks: where the operand lines up with bottom[0] (0 for a scalar)."""
     if not operand:
         return 0
-    axis = _canonical_axis(layer, axis, len(bottom), f"{what}.axis")
+    axis = canonical_axis(layer, axis, bottom, f"{what}.axis")
     covered = tuple(bottom[axis:axis + len(operand)])
     if covered != tuple(operand):
         raise layer.error(f"operand shape {list(operand)} must equal bottom[0]'s axes "

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import CaffeLayer, LayerSpec
+from .base import CaffeLayer, LayerSpec, canonical_axis
 from .registry import register
-from .reshape import canonical_axis
 
 
 @register("Tile")
