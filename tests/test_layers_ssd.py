@@ -461,7 +461,7 @@ def test_annotated_data_training_augmentation_keeps_boxes_valid_and_repeats(tmp_
 @pytest.mark.parametrize("transform, extra, fragment", [
     ("noise_param { prob: 0.5 }", "", "noise_param is not supported"),
     ("resize_param { resize_mode: FIT_SMALL_SIZE height: 8 width: 8 }", "", "FIT_SMALL_SIZE"),
-    ("", "annotated_data_param { yolo_data_type: 1 }", "MobileNet-YOLO"),
+    ("", "annotated_data_param { seg_scales: 4 }", "MobileNet-YOLO"),
 ])
 def test_error_annotated_data_unsupported_options(tmp_path, transform, extra, fragment):
     _annotated_db(tmp_path / "db")

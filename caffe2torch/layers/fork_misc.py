@@ -1,10 +1,10 @@
-"""Activation, convolution, normalisation and detection layers of the Caffe forks.
+"""Activation, convolution and normalisation layers of the Caffe forks.
 
 ReLU6, HardSwish, HardSigmoid, Unsqueeze and BatchNormKyle follow the SSD-based fork
-of the golden data; DepthwiseConvolution and Yolov3DetectionOutput MobileNet-YOLO
-(eric612); ConvolutionDepthwise and ShuffleChannel ShuffleNet (farmingyard); Axpy
-SENet (hujie-frank); ``BN`` has two incompatible meanings, SegNet/ENet's and
-PSPNet's, told apart by their ``bn_param`` fields.
+of the golden data; DepthwiseConvolution MobileNet-YOLO (eric612), whose YOLO layers
+are in :mod:`.fork_yolo`; ConvolutionDepthwise and ShuffleChannel ShuffleNet
+(farmingyard); Axpy SENet (hujie-frank); ``BN`` has two incompatible meanings,
+SegNet/ENet's and PSPNet's, told apart by their ``bn_param`` fields.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..errors import NetError
 from ..proto import caffe_pb2
 from .activation import NeuronLayer
-from .base import CaffeLayer, LayerSpec, Shape
+from .base import CaffeLayer, LayerSpec
 from .conv import Convolution, filler_of
 from .fork_upsample import VariantLayer
 from .normalization import BatchNorm
@@ -340,137 +340,3 @@ class PSPNetBN(BN):
         if self.frozen:
             return (x - mean.detach()) * invstd * slope.detach() + bias.detach()
         return _BatchFormulaNorm.apply(x, mean.detach(), invstd) * slope + bias
-
-
-class _Candidates:
-    """Detections gathered over the output scales, in the layer's push_back order."""
-
-    def __init__(self) -> None:
-        self.boxes: list[np.ndarray] = []   # (x, y, w, h) float32
-        self.classes: list[np.ndarray] = []
-        self.scores: list[np.ndarray] = []
-
-    def add(self, boxes: np.ndarray, classes: np.ndarray, scores: np.ndarray) -> None:
-        self.boxes.append(boxes)
-        self.classes.append(classes)
-        self.scores.append(scores)
-
-    def joined(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if not self.boxes:
-            return np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        return np.concatenate(self.boxes), np.concatenate(self.classes), \
-            np.concatenate(self.scores)
-
-
-def _center_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """MobileNet-YOLO's box_iou on (x, y, w, h) boxes, in float32."""
-    half = np.float32(2)
-
-    def overlap(c1, s1, c2, s2):
-        left = np.maximum(c1 - s1 / half, c2 - s2 / half)
-        right = np.minimum(c1 + s1 / half, c2 + s2 / half)
-        return right - left
-
-    w = overlap(box[0], box[2], others[:, 0], others[:, 2])
-    h = overlap(box[1], box[3], others[:, 1], others[:, 3])
-    inter = np.where((w < 0) | (h < 0), np.float32(0), w * h)
-    union = box[2] * box[3] + others[:, 2] * others[:, 3] - inter
-    return inter / union
-
-
-@register("Yolov3DetectionOutput")
-class Yolov3DetectionOutput(CaffeLayer):
-    """MobileNet-YOLO's YOLOv3 decoder with class-agnostic NMS (CPU path).
-
-    Bottom t (one per ``mask_group_num``) is (N, num_box * (5 + num_classes), S, S).
-    Per cell and anchor n: ``x = (col + sigmoid(tx)) / S``, ``y = (row + sigmoid(ty)) / S``,
-    ``w = exp(tw) * biases[2m] / (S * anchors_scale[t])`` (h likewise with ``biases[2m+1]``),
-    m = ``mask[n + t * mask_size / mask_group_num]``; each class with
-    ``sigmoid(class) * sigmoid(obj) > confidence_threshold`` is a detection. All are
-    sorted by score (ties keep this enumeration order) and a box is dropped when its
-    IoU with a kept higher one is ``>= nms_threshold``, whatever the classes. The top is
-    (1, 1, K, 7) rows ``[0, label + 1, score, xmin, ymin, xmax, ymax]`` (image id 0 even
-    for a batch, whose detections the fork pools), or one row of -1 per image with the
-    image id first when nothing is found. No gradient.
-    """
-
-    min_bottoms = 1
-    min_tops = max_tops = 1
-
-    def __init__(self, spec: LayerSpec):
-        super().__init__(spec)
-        p = spec.param.yolov3_detection_output_param
-        if not p.HasField("num_classes"):
-            raise self.error("yolov3_detection_output_param.num_classes must be specified")
-        self.num_classes, self.num_box = int(p.num_classes), int(p.num_box)
-        self.threshold = np.float32(p.confidence_threshold)
-        self.nms_threshold = np.float32(p.nms_threshold)
-        self.biases = np.asarray(p.biases, np.float32)
-        self.anchors_scale = [int(s) for s in p.anchors_scale]
-        self.mask = [int(m) for m in p.mask]
-        groups = int(p.mask_group_num)
-        if len(spec.param.bottom) != groups:
-            raise self.error(f"mask_group_num is {groups}: expected {groups} bottoms, got "
-                             f"{len(spec.param.bottom)}")
-        self.mask_step = len(self.mask) // groups
-        needed = (groups - 1) * self.mask_step + self.num_box
-        if len(self.mask) < needed or len(self.anchors_scale) < groups:
-            raise self.error(f"expected at least {needed} mask entries and {groups} anchors_scale "
-                             f"values, got {len(self.mask)} and {len(self.anchors_scale)}")
-        if len(self.mask) and 2 * max(self.mask) + 1 >= len(self.biases):
-            raise self.error(f"mask index {max(self.mask)} needs biases[{2 * max(self.mask) + 1}], "
-                             f"got {len(self.biases)} biases")
-
-    def infer_shapes(self, bottom_shapes: list[Shape]) -> list[Shape]:
-        """Reshape's placeholder before any detection exists: one row."""
-        return [(1, 1, 1, 7)]
-
-    def _decode(self, t: int, x: torch.Tensor, found: _Candidates) -> None:
-        n, c, height, side = x.shape
-        length = 5 + self.num_classes
-        if height != side or c < self.num_box * length:
-            raise self.error(f"bottom {t} must be (N, >= {self.num_box * length}, S, S), got "
-                             f"shape {list(x.shape)}")
-        raw = x.detach().to("cpu", torch.float64).numpy()[:, :self.num_box * length]
-        raw = raw.reshape(n, self.num_box, length, side * side)
-        sig = (1.0 / (1.0 + np.exp(-raw))).astype(np.float32)
-        cell = np.arange(side * side)
-        col, row = (cell % side).astype(np.float32), (cell // side).astype(np.float32)
-        side32 = np.float32(side)
-        anchors = np.asarray(self.mask[t * self.mask_step:t * self.mask_step + self.num_box])
-        size = float(side * self.anchors_scale[t])
-        bw = (np.exp(raw[:, :, 2]) * self.biases[2 * anchors][None, :, None] / size) \
-            .astype(np.float32)
-        bh = (np.exp(raw[:, :, 3]) * self.biases[2 * anchors + 1][None, :, None] / size) \
-            .astype(np.float32)
-        boxes = np.stack([(col + sig[:, :, 0]) / side32, (row + sig[:, :, 1]) / side32, bw, bh],
-                         axis=-1)                                   # (N, A, S*S, 4)
-        scores = sig[:, :, 5:] * sig[:, :, 4:5]                     # (N, A, C, S*S)
-        # push_back order: image, cell, anchor, class
-        scores = scores.transpose(0, 3, 1, 2)                       # (N, S*S, A, C)
-        boxes = boxes.transpose(0, 2, 1, 3)                         # (N, S*S, A, 4)
-        img, cel, anc, cls = np.nonzero(scores > self.threshold)
-        found.add(boxes[img, cel, anc], cls, scores[img, cel, anc, cls])
-
-    def forward(self, *bottoms: torch.Tensor) -> torch.Tensor:
-        found = _Candidates()
-        for t, x in enumerate(bottoms):
-            self._decode(t, x, found)
-        boxes, classes, scores = found.joined()
-        order = np.argsort(-scores, kind="stable")
-        boxes, classes, scores = boxes[order], classes[order], scores[order]
-        dead = np.zeros(len(scores), bool)
-        for i in range(len(scores) - 1):
-            if not dead[i]:
-                dead[i + 1:] |= _center_iou(boxes[i], boxes[i + 1:]) >= self.nms_threshold
-        keep = ~dead
-        device = bottoms[0].device
-        if not keep.any():
-            rows = np.full((bottoms[-1].shape[0], 7), -1, np.float32)
-            rows[:, 0] = np.arange(len(rows))
-            return torch.from_numpy(rows).view(1, 1, -1, 7).to(device)
-        b = boxes[keep].astype(np.float64)
-        rows = np.column_stack([np.zeros(keep.sum()), classes[keep] + 1, scores[keep],
-                                b[:, 0] - b[:, 2] / 2, b[:, 1] - b[:, 3] / 2,
-                                b[:, 0] + b[:, 2] / 2, b[:, 1] + b[:, 3] / 2])
-        return torch.from_numpy(rows.astype(np.float32)).view(1, 1, -1, 7).to(device)

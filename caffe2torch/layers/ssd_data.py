@@ -10,9 +10,11 @@ a crop. As in the fork, an encoded image is re-encoded as JPEG after each geomet
 colour step. Random draws come from per-image generators seeded on the forward thread
 (:mod:`caffe2torch.data`), so batches repeat run to run but not Caffe's own draws.
 
-Not supported (an error names them): ``noise_param``, ``resize_mode: FIT_SMALL_SIZE``
-(batches of varying size) and the MobileNet-YOLO fields of ``annotated_data_param``.
-With ``mean_file`` and ``mirror`` the mean is mirrored with the pixels (BVLC's rule).
+MobileNet-YOLO's ``yolo_data_type: 1`` (``yolo_data_jitter``, ``train_diffcult``) is
+supported, see :class:`AnnotatedData`. Not supported (an error names them):
+``noise_param``, ``resize_mode: FIT_SMALL_SIZE`` (batches of varying size) and the
+fork's segmentation fields (``single_class``, ``seg_scales``, ``seg_resize_*``). With
+``mean_file`` and ``mirror`` the mean is mirrored with the pixels (BVLC's rule).
 """
 from __future__ import annotations
 
@@ -34,8 +36,8 @@ from .ssd_bbox import F32, box_size, jaccard
 
 _FORK_FIELDS = ("resize_param", "noise_param", "distort_param", "expand_param",
                 "emit_constraint")
-_YOLO_FIELDS = ("yolo_data_type", "yolo_data_jitter", "train_diffcult", "single_class",
-                "seg_scales", "seg_resize_width", "seg_resize_height")
+_SEG_FIELDS = ("single_class", "seg_scales", "seg_resize_width", "seg_resize_height")
+YOLO_TRUTHS = 300      # rows per image of the yolo_data_type 1 label
 _Resize = caffe_pb2.ResizeParameter
 _INTERP = {_Resize.LINEAR: cv2.INTER_LINEAR, _Resize.AREA: cv2.INTER_AREA,
            _Resize.NEAREST: cv2.INTER_NEAREST, _Resize.CUBIC: cv2.INTER_CUBIC,
@@ -217,7 +219,29 @@ class _Augmenter:
                 candidates += _generate(rng, sampler, objects)
         if not candidates:
             return sample
-        crop = np.clip(candidates[int(rng.integers(len(candidates)))], 0, 1).astype(F32)
+        return self.crop(sample, candidates[int(rng.integers(len(candidates)))])
+
+    def jitter_crop(self, rng: np.random.Generator, sample: Sample, jitter: float) -> Sample:
+        """MobileNet-YOLO's ``GenerateJitterSamples`` then ``CropImage``: with odds 0.2 the
+        whole image, 0.2 a jitter of ``jitter / 2``, 0.6 of ``jitter``: a box of width
+        ``U(1 - jitter, 1)`` (height the same draw under FIT_LARGE_SIZE_AND_PAD, else its
+        own) at a uniform offset inside the image."""
+        change = int(rng.choice(3, p=[0.2, 0.2, 0.6]))
+        if change == 0:
+            return self.crop(sample, UNIT)
+        amount = F32(jitter / 2 if change == 1 else jitter)
+        width = F32(rng.uniform(1 - amount, 1))
+        keep = self.p.HasField("resize_param") and \
+            self.p.resize_param.resize_mode == _Resize.FIT_LARGE_SIZE_AND_PAD
+        height = width if keep else F32(rng.uniform(1 - amount, 1))
+        x = F32(rng.uniform(0, 1 - width))
+        y = F32(rng.uniform(0, 1 - height))
+        return self.crop(sample, np.array([x, y, x + width, y + height], F32))
+
+    def crop(self, sample: Sample, box: np.ndarray) -> Sample:
+        """``CropImage``: the image inside ``box`` (normalised, clipped to the image) and
+        the annotations projected into it."""
+        crop = np.clip(box, 0, 1).astype(F32)
         height, width = sample.image.shape[:2]
         x0, y0, x1, y1 = crop * np.array([width, height, width, height], F32)
         w_off, h_off, w, h = int(x0), int(y0), int(x1 - x0), int(y1 - y0)
@@ -357,6 +381,16 @@ class AnnotatedData(_PrefetchingLayer):
     ``[item, group_label, instance_id, xmin, ymin, xmax, ymax, difficult]``; a batch
     without boxes gives one row of -1. Records without an annotation type (and no
     ``annotated_data_param.anno_type``) give Data's per-image label (N, 1, 1, 1) instead.
+
+    MobileNet-YOLO's ``yolo_data_type: 1`` (for its Yolov3/RegionLoss layers): without a
+    ``batch_sampler`` each image is cropped by the fork's jitter, in every phase as in the
+    fork (see :meth:`_Augmenter.jitter_crop`, ``yolo_data_jitter``, default 0.3), and the
+    label is (N, 1, 300, 5) with rows ``[group_label - 1, x_centre, y_centre, width,
+    height]`` per image, zeros after its boxes; difficult boxes are left out unless
+    ``train_diffcult``. An image with more than 300 boxes keeps its first 300 (the fork
+    writes past its rows). ``yolo_data_type: 0`` is SSD's layout. The fork's multi-scale
+    training (several ``resize_param`` policies drawn per batch) is not available: this
+    schema has one ``resize_param``, and repeated blocks merge into it.
     """
 
     def __init__(self, spec: LayerSpec):
@@ -364,10 +398,19 @@ class AnnotatedData(_PrefetchingLayer):
         p, a = spec.param.data_param, spec.param.annotated_data_param
         t = spec.param.transform_param
         self.batch_size = self._positive(p.batch_size, "data_param.batch_size")
-        for name in _YOLO_FIELDS:
+        for name in _SEG_FIELDS:
             if a.HasField(name):
                 raise self.error(f"annotated_data_param.{name} (MobileNet-YOLO fork) is not "
                                  f"supported")
+        if a.yolo_data_type not in (0, 1):
+            raise self.error(f"annotated_data_param.yolo_data_type must be 0 (SSD rows) or 1 "
+                             f"(YOLO rows), got {a.yolo_data_type}")
+        if not 0 <= a.yolo_data_jitter < 1:
+            raise self.error(f"annotated_data_param.yolo_data_jitter must be in [0, 1), got "
+                             f"{a.yolo_data_jitter:g}")
+        self.yolo = a.yolo_data_type == 1
+        self.jitter = float(np.float32(a.yolo_data_jitter))
+        self.train_difficult = bool(a.train_diffcult)
         if t.HasField("noise_param"):
             raise self.error("transform_param.noise_param is not supported")
         if t.resize_param.resize_mode == _Resize.FIT_SMALL_SIZE:
@@ -407,8 +450,12 @@ class AnnotatedData(_PrefetchingLayer):
             self._start(self.augment.output_shape(self._sample(first, what).image, what),
                         p.prefetch)
         boxes = sum(len(g.annotation) for g in first.annotation_group)
-        self.label_shape = (1, 1, max(boxes, 1), 8) if self.anno_type is not None \
-            else (self.batch_size, 1, 1, 1)
+        if self.anno_type is None:
+            self.label_shape = (self.batch_size, 1, 1, 1)
+        elif self.yolo:
+            self.label_shape = (self.batch_size, 1, YOLO_TRUTHS, 5)
+        else:
+            self.label_shape = (1, 1, max(boxes, 1), 8)
 
     def infer_shapes(self, bottom_shapes: list[Shape]) -> list[Shape]:
         return [self.top_shape, self.label_shape][:self.num_tops]
@@ -455,6 +502,8 @@ class AnnotatedData(_PrefetchingLayer):
             sample = self.augment.expand(rng, sample)
             if self.augment.samplers:
                 sample = self.augment.sample_crop(rng, sample)
+            elif self.yolo:
+                sample = self.augment.jitter_crop(rng, sample, self.jitter)
             if out.shape[1:] != self.augment.output_shape(sample.image, what):
                 raise DataError(f"{what}: image size differs from the batch's first image; "
                                 f"give transform_param.resize_param or crop_size")
@@ -464,5 +513,19 @@ class AnnotatedData(_PrefetchingLayer):
                      for label, group in groups for b in group]
         if self.anno_type is None:
             return data, torch.from_numpy(labels).view(-1, 1, 1, 1)
+        if self.yolo:
+            return data, torch.from_numpy(self._yolo_rows(rows))
         table = np.array(rows, F32).reshape(-1, 8) if rows else np.full((1, 8), -1, F32)
         return data, torch.from_numpy(table).view(1, 1, -1, 8)
+
+    def _yolo_rows(self, rows: list[list]) -> np.ndarray:
+        """SSD rows as the fork's ``yolo_data_type: 1`` label (N, 1, 300, 5)."""
+        table = np.zeros((self.batch_size, YOLO_TRUTHS, 5), F32)
+        filled = np.zeros(self.batch_size, np.int64)
+        for item, label, _, xmin, ymin, xmax, ymax, difficult in rows:
+            if (difficult and not self.train_difficult) or filled[item] == YOLO_TRUTHS:
+                continue
+            table[item, filled[item]] = [F32(label - 1), (xmin + xmax) / F32(2),
+                                         (ymin + ymax) / F32(2), xmax - xmin, ymax - ymin]
+            filled[item] += 1
+        return table.reshape(self.batch_size, 1, YOLO_TRUTHS, 5)
