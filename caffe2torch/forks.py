@@ -10,7 +10,9 @@ nets built while the setting is in effect:
 * the environment variable ``CAFFE2TORCH_FORK=ssd`` (read when no fork was set).
 
 Layers read the setting once, when they are built, so a compiled net keeps the
-numbers it was built for. Layers that only a fork has (PriorBox, ...) need no switch.
+numbers it was built for. Layers that only a fork has (PriorBox, ...) need no switch,
+unless two forks disagree on them: ``"faceboxes"`` gives FaceBoxes' PriorBox (dense
+anchors for min_size 32 and 64, half-pixel-smaller boxes) instead of SSD's.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 ENV_VAR = "CAFFE2TORCH_FORK"
-KNOWN_FORKS = ("ssd",)
+KNOWN_FORKS = ("ssd", "faceboxes")
 
 _UNSET = object()
 _selected: object = _UNSET

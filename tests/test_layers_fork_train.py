@@ -18,6 +18,7 @@ import torch
 
 import caffe2torch as caffe
 from caffe2torch import CaffeError, NetError
+from caffe2torch.forks import using_fork
 from conftest import shared_dir
 from prototxt import inputs, layer
 
@@ -567,3 +568,139 @@ def test_hed_corpus_net_needs_its_image_list() -> None:
     for phase in (caffe.TRAIN, caffe.TEST):
         with pytest.raises(CaffeError, match="train_pair.lst' does not exist"):
             corpus_net(HED_NET, phase)
+
+
+# == FaceBoxes PriorBox ====================================================================
+FACEBOXES_NET = "sfzhang15__FaceBoxes/models/faceboxes/deploy.prototxt"
+FB_VARIANCE = "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2"
+
+
+def faceboxes_priors(feat_hw, img_hw, min_sizes, step, max_sizes=(), ratios=()) -> np.ndarray:
+    """sfzhang15/FaceBoxes prior_box_layer.cpp, Forward_cpu, loop by loop with its float
+    (``center_x``, box sizes) and double (``(box_width - 1) / 2.``) arithmetic; channel 0."""
+    f32 = np.float32
+    out = []
+    for h in range(feat_hw[0]):
+        for w in range(feat_hw[1]):
+            cx, cy = (f32(w) + f32(0.5)) * f32(step), (f32(h) + f32(0.5)) * f32(step)
+            for s, size in enumerate(min_sizes):
+                side, gap = {32: (4, 8), 64: (2, 16)}.get(int(size), (1, 0))
+                half = (float(f32(int(size))) - 1) / 2.
+                for i in range(-(side // 2), side - side // 2):
+                    for j in range(-(side // 2), side - side // 2):
+                        x, y = float(cx + f32(j * gap)), float(cy + f32(i * gap))
+                        out += [(x - half) / img_hw[1], (y - half) / img_hw[0],
+                                (x + half) / img_hw[1], (y + half) / img_hw[0]]
+                extra = []
+                if max_sizes:
+                    extra.append((float(f32(math.sqrt(int(size) * int(max_sizes[s])))),) * 2)
+                for ar in ratios:
+                    root = np.sqrt(f32(ar))
+                    extra.append((float(f32(int(size)) * root), float(f32(int(size)) / root)))
+                for bw, bh in extra:
+                    out += [(float(cx) - bw / 2.) / img_hw[1], (float(cy) - bh / 2.) / img_hw[0],
+                            (float(cx) + bw / 2.) / img_hw[1], (float(cy) + bh / 2.) / img_hw[0]]
+    return np.array(out, np.float32)
+
+
+def prior_net(tmp_path: Path, param: str, feat_hw=(2, 3), img_hw=(64, 96)) -> caffe.Net:
+    body = inputs(f=(1, 4, *feat_hw), im=(1, 3, *img_hw)) + layer(
+        "PriorBox", ["f", "im"], ["p"], f"prior_box_param {{ {param} }}")
+    return make_net(tmp_path, body, caffe.TEST)
+
+
+@pytest.mark.parametrize("param,sizes", [
+    ("min_size: 32 min_size: 64 min_size: 128 step: 32", dict(min_sizes=(32, 64, 128), step=32)),
+    ("min_size: 256 step: 64", dict(min_sizes=(256,), step=64)),
+    ("min_size: 100 max_size: 150 aspect_ratio: 2 flip: false step: 16",
+     dict(min_sizes=(100,), step=16, max_sizes=(150,), ratios=(2,))),
+])
+def test_faceboxes_prior_box(param: str, sizes: dict, tmp_path: Path) -> None:
+    """FaceBoxes' densified anchors (21 per location for its 3-size layer) and
+    ``(size - 1) / 2`` half extents, under ``using_fork("faceboxes")``."""
+    with using_fork("faceboxes"):
+        net = prior_net(tmp_path, f"{param} clip: false offset: 0.5 {FB_VARIANCE}")
+    net.forward()
+    want = faceboxes_priors((2, 3), (64, 96), **sizes)
+    top = net.blobs["p"].data
+    assert top.shape == (1, 2, want.size)
+    np.testing.assert_array_equal(top[0, 0], want)
+    np.testing.assert_array_equal(top[0, 1], np.resize(np.float32([0.1, 0.1, 0.2, 0.2]),
+                                                        want.size))
+    if "128" in param:
+        assert want.size == 2 * 3 * 21 * 4
+
+
+def test_prior_box_stays_ssd_without_the_fork(tmp_path: Path, caplog) -> None:
+    """The same fields without the switch: SSD's three ``size / 2`` boxes per location, and
+    a warning that names the switch."""
+    net = prior_net(tmp_path, "min_size: 32 min_size: 64 min_size: 128 step: 32 clip: false")
+    net.forward()
+    assert "using_fork('faceboxes')" in caplog.text
+    f32 = np.float32
+    boxes = []
+    for h in range(2):
+        for w in range(3):
+            cx, cy = (f32(w) + f32(0.5)) * f32(32), (f32(h) + f32(0.5)) * f32(32)
+            for size in (32, 64, 128):
+                boxes += [(cx - size / 2) / 96, (cy - size / 2) / 64,
+                          (cx + size / 2) / 96, (cy + size / 2) / 64]
+    np.testing.assert_array_equal(net.blobs["p"].data[0, 0], np.float32(boxes))
+
+
+@pytest.mark.parametrize("sizes,declared,count", [("min_size: 32 min_size: 64", 2, 20),
+                                                  ("min_size: 16 min_size: 24 min_size: 48",
+                                                   21, 3)])
+def test_error_faceboxes_prior_count(sizes: str, declared: int, count: int, tmp_path) -> None:
+    """The fork reserves 21 priors for 3 sizes (else SSD's count) whatever the sizes are;
+    sizes that fill another number are an error (the fork writes past or short of it)."""
+    with using_fork("faceboxes"):
+        expect_error(tmp_path, inputs(f=(1, 4, 2, 3), im=(1, 3, 64, 96)) + layer(
+            "PriorBox", ["f", "im"], ["p"], f"prior_box_param {{ {sizes} }}"),
+            "(PriorBox)", f"reserves {declared} priors", f"give {count} boxes", phase=caffe.TEST)
+
+
+def test_prior_box_matches_opencv_which_has_no_faceboxes_rule(tmp_path: Path) -> None:
+    """OpenCV's dnn implements SSD's PriorBox (3 priors for FaceBoxes' 3-size layer) and
+    matches ours built without the switch; FaceBoxes' one-box layers are OpenCV's boxes with
+    half a pixel less on every side."""
+    param = f"min_size: 32 min_size: 64 min_size: 128 step: 32 clip: false {FB_VARIANCE}"
+    body = inputs(f=(1, 4, 3, 4), im=(1, 3, 96, 128)) + \
+        layer("PriorBox", ["f", "im"], ["p"], f"prior_box_param {{ {param} }}") + \
+        layer("PriorBox", ["f", "im"], ["q"], f"prior_box_param {{ min_size: 128 step: 32 "
+              f"clip: false {FB_VARIANCE} }}", name="Q")
+    ssd = make_net(tmp_path, body, caffe.TEST)
+    ssd.forward()
+    with using_fork("faceboxes"):
+        fb = make_net(tmp_path, body, caffe.TEST)
+    fb.forward()
+    cv_net = cv2.dnn.readNetFromCaffe(str(tmp_path / "net.prototxt"))
+    cv_net.setInput(np.zeros((1, 4, 3, 4), np.float32), "f")
+    cv_net.setInput(np.zeros((1, 3, 96, 128), np.float32), "im")
+    theirs = dict(zip("pq", cv_net.forward(["L", "Q"])))
+    for top in "pq":
+        np.testing.assert_allclose(ssd.blobs[top].data, theirs[top].reshape(1, 2, -1),
+                                   rtol=1e-6, atol=1e-7)
+    assert theirs["p"].size == 2 * 12 * 3 * 4
+    shrink = np.float32([0.5 / 128, 0.5 / 96, -0.5 / 128, -0.5 / 96])
+    np.testing.assert_allclose(fb.blobs["q"].data[0, 0].reshape(-1, 4),
+                               theirs["q"].reshape(2, -1, 4)[0] + shrink, atol=1e-6)
+
+
+def test_faceboxes_corpus_net_runs_with_the_fork() -> None:
+    """deploy.prototxt unchanged: without the switch it fails as in OpenCV (priors do not
+    match the 21*4 location outputs of its first head); with it the detector runs."""
+    with pytest.raises(NetError, match="number of priors must match number of location"):
+        corpus_net(FACEBOXES_NET, caffe.TEST)
+    with using_fork("faceboxes"):
+        net = corpus_net(FACEBOXES_NET, caffe.TEST)
+    net.blobs["data"].reshape(1, 3, 128, 128)
+    net.reshape()
+    net.blobs["data"].data[...] = np.random.default_rng(12).standard_normal((1, 3, 128, 128))
+    with torch.no_grad():
+        net.forward()
+    priors = net.blobs["mbox_priorbox"].data.shape[2] // 4
+    assert priors == 4 * 4 * 21 + 2 * 2 + 1 * 1
+    assert net.blobs["mbox_loc"].data.shape[1] == 4 * priors
+    detections = net.blobs["detection_out"].data
+    assert detections.shape[:2] == (1, 1) and detections.shape[3] == 7

@@ -1,21 +1,26 @@
 """The SSD fork's feature-side layers: Normalize, Permute and PriorBox.
 
 Sources: weiliu89/caffe (branch ssd) ``normalize_layer.cpp``, ``permute_layer.cpp``,
-``prior_box_layer.cpp``. These layers exist only in the fork, so no switch is needed.
+``prior_box_layer.cpp``. These layers exist only in the fork, so no switch is needed,
+except for FaceBoxes' PriorBox (sfzhang15/FaceBoxes ``prior_box_layer.cpp``), which reads
+the same fields differently: ``caffe2torch.forks.using_fork("faceboxes")``.
 """
 from __future__ import annotations
 
+import logging
 import math
 from functools import lru_cache
 
 import numpy as np
 import torch
 
+from ..forks import current_fork
 from ..proto import caffe_pb2
 from .base import CaffeLayer, LayerSpec, Shape
 from .loss import _legacy_dim as legacy_dim
 from .registry import register
 
+log = logging.getLogger(__name__)
 
 # -- Normalize ---------------------------------------------------------------------------
 class _NormalizeFn(torch.autograd.Function):
@@ -148,6 +153,15 @@ class PriorBox(CaffeLayer):
     ``step_h/step_w`` or ``step`` else image / feature size. Numbers follow the fork's
     float/double mix (corners computed in double, stored as float). An unset ``clip``
     clips, as the recorded fork does.
+
+    FaceBoxes' fork (selected with ``caffe2torch.forks.using_fork("faceboxes")``) has no
+    fields of its own but hard-codes its anchor densification: ``min_size`` 32 gives 16
+    boxes on a 4 x 4 grid of centres 8 pixels apart (``-16 .. +8`` around the cell
+    centre, rows outer), 64 gives 4 boxes 16 pixels apart (``-16, 0``), any other size
+    one box; these square boxes span ``(size - 1) / 2`` either side of their centre
+    instead of ``size / 2``; ``max_size`` and aspect-ratio boxes are SSD's. The fork
+    reserves 21 priors for any layer with 3 ``min_size`` (else SSD's count); sizes whose
+    boxes do not fill exactly that are an error here (the fork overruns its buffer).
     """
 
     min_bottoms = max_bottoms = 2
@@ -179,6 +193,21 @@ class PriorBox(CaffeLayer):
                 ratios.append(float(np.float32(1.0 / ar)))
         self.aspect_ratios = ratios
         self.num_priors = len(ratios) * len(self.min_sizes) + len(self.max_sizes)
+        self.faceboxes = current_fork() == "faceboxes"
+        dense = {32, 64} & {int(s) for s in self.min_sizes}
+        if self.faceboxes:
+            declared = 21 if len(self.min_sizes) == 3 else self.num_priors
+            self.num_priors = len(_prior_shapes(tuple(self.min_sizes), tuple(self.max_sizes),
+                                                tuple(ratios), True))
+            if self.num_priors != declared:
+                raise self.error(f"FaceBoxes' PriorBox reserves {declared} priors per location "
+                                 f"for min_size {self.min_sizes}, but these sizes give "
+                                 f"{self.num_priors} boxes (min_size 32 gives 16, 64 gives 4)")
+        elif len(self.min_sizes) == 3 and dense:
+            log.warning("layer '%s': PriorBox with min_size %s looks like FaceBoxes' fork, "
+                        "which packs 21 priors per location; build the net inside "
+                        "caffe2torch.forks.using_fork('faceboxes') for it", self.layer_name,
+                        self.min_sizes)
         # The recorded SSD fork clips when ``clip`` is unset (its proto default is true);
         # real prototxts spell it out, so our schema's default (false) is not used here.
         self.clip = bool(p.clip) if p.HasField("clip") else True
@@ -229,33 +258,46 @@ class PriorBox(CaffeLayer):
 
     def _key(self) -> tuple:
         return (tuple(self.min_sizes), tuple(self.max_sizes), tuple(self.aspect_ratios),
-                self.clip, tuple(self.variance), self.step_hw, self.offset)
+                self.clip, tuple(self.variance), self.step_hw, self.offset, self.faceboxes)
 
 
-def _box_sizes(min_sizes: tuple[float, ...], max_sizes: tuple[float, ...],
-               ratios: tuple[float, ...]) -> np.ndarray:
-    """(num_priors, 2) box width/height in the fork's order, rounded as the fork does.
+# FaceBoxes' dense anchors: min_size -> (grid side, spacing in pixels)
+_FACEBOXES_DENSE = {32: (4, 8), 64: (2, 16)}
+
+
+@lru_cache(maxsize=64)
+def _prior_shapes(min_sizes: tuple[float, ...], max_sizes: tuple[float, ...],
+                  ratios: tuple[float, ...], faceboxes: bool) -> np.ndarray:
+    """(num_priors, 4) rows ``(dx, dy, half_w, half_h)`` in the fork's order: the box centre's
+    shift from the cell centre and its half extents, rounded as the fork does.
 
     The extra aspect ratios scale ``min_size`` (never ``sqrt(min * max)``), in float.
+    FaceBoxes: min-size boxes at its dense shifts, half extent ``(size - 1) / 2``.
     """
     out = []
     for s, size in enumerate(min_sizes):
         lo = np.float32(int(size))
-        out.append((lo, lo))
+        if faceboxes:
+            side, gap = _FACEBOXES_DENSE.get(int(size), (1, 0))
+            half = (float(lo) - 1) / 2
+            shifts = range(-(side // 2), side - side // 2)
+            out.extend((j * gap, i * gap, half, half) for i in shifts for j in shifts)
+        else:
+            out.append((0, 0, lo / 2, lo / 2))
         if max_sizes:
             mean = np.float32(math.sqrt(int(size) * int(max_sizes[s])))
-            out.append((mean, mean))
+            out.append((0, 0, mean / 2, mean / 2))
         for ar in ratios:
             if abs(ar - 1.0) >= 1e-6:
                 root = np.sqrt(np.float32(ar))
-                out.append((lo * root, lo / root))
-    return np.array(out, dtype=np.float32)
+                out.append((0, 0, lo * root / 2, lo / root / 2))
+    return np.array(out, dtype=np.float64)
 
 
 @lru_cache(maxsize=64)
 def _prior_boxes(key: tuple, height: int, width: int, img_h: int, img_w: int) -> np.ndarray:
     """PriorBoxLayer::Forward_cpu for one geometry (cached: it depends on shapes only)."""
-    min_sizes, max_sizes, ratios, clip, variance, step_hw, offset = key
+    min_sizes, max_sizes, ratios, clip, variance, step_hw, offset, faceboxes = key
     if step_hw is None:
         step_h, step_w = np.float32(img_h / height), np.float32(img_w / width)
     else:
@@ -263,10 +305,13 @@ def _prior_boxes(key: tuple, height: int, width: int, img_h: int, img_w: int) ->
     off = np.float32(offset)
     cy = (np.arange(height, dtype=np.float32) + off) * step_h
     cx = (np.arange(width, dtype=np.float32) + off) * step_w
-    boxes = _box_sizes(min_sizes, max_sizes, ratios).astype(np.float64)
-    cxg = np.broadcast_to(cx.astype(np.float64)[None, :, None], (height, width, len(boxes)))
-    cyg = np.broadcast_to(cy.astype(np.float64)[:, None, None], (height, width, len(boxes)))
-    half_w, half_h = boxes[:, 0] / 2, boxes[:, 1] / 2
+    shapes = _prior_shapes(min_sizes, max_sizes, ratios, faceboxes)
+    dx, dy, half_w, half_h = shapes.T
+    # box centres: cell centre plus shift, in float as the fork adds them
+    cxg = (cx[None, :, None] + dx.astype(np.float32)).astype(np.float64)
+    cyg = (cy[:, None, None] + dy.astype(np.float32)).astype(np.float64)
+    cxg = np.broadcast_to(cxg, (height, width, len(shapes)))
+    cyg = np.broadcast_to(cyg, (height, width, len(shapes)))
     coords = np.stack([(cxg - half_w) / img_w, (cyg - half_h) / img_h,
                        (cxg + half_w) / img_w, (cyg + half_h) / img_h], axis=-1)
     coords = coords.astype(np.float32).reshape(-1)
