@@ -60,8 +60,12 @@ def _net_close(what: str, ours: np.ndarray, theirs: np.ndarray, rtol: float, ato
     assert worst <= bound, f"{what}: max |ours - caffe| = {worst:.3g} > {bound:.3g} (scale {np.abs(ref).max():.3g})"
 
 
-def replay(group: str, name: str) -> None:
-    """Build the case's net, feed its inputs, and compare forward, params and backward."""
+def replay(group: str, name: str, diverging: frozenset[str] = frozenset()):
+    """Build the case's net, feed its inputs, and compare forward, params and backward.
+
+    Keys in ``diverging`` (recorded values that come from a Caffe defect) are left out of
+    the comparison; the net is returned so that the caller can check them its own way.
+    """
     import caffe2torch as caffe
 
     case_dir = shared_root() / "golden" / group / name
@@ -88,6 +92,8 @@ def replay(group: str, name: str) -> None:
     def compare(blob_kind: str, param_kind: str, field: str) -> None:
         for key in blobs.files:
             kind, _, rest = key.partition("/")
+            if key in diverging:
+                continue
             if kind == blob_kind:
                 close(key, getattr(net.blobs[rest], field), blobs[key], rtol, atol)
             elif kind == param_kind:
@@ -96,7 +102,7 @@ def replay(group: str, name: str) -> None:
 
     compare("data", "param", "data")
     if not spec.get("backward"):
-        return
+        return net
     for blob in spec.get("topdiff", []):
         net.blobs[blob].diff[...] = blobs[f"topdiff/{blob}"]
     for params in net.params.values():
@@ -104,3 +110,4 @@ def replay(group: str, name: str) -> None:
             p.diff[...] = 0
     net.backward()
     compare("diff", "param_diff", "diff")
+    return net

@@ -2,8 +2,8 @@
 
 Walks ``corpus/nets.tsv``. Allowed exceptions, each asserted to fail with a clear error:
 nets whose inputs come from data files the corpus does not ship (the error names the
-file), nets built on Python layers whose modules the corpus does not ship, and the layer
-types listed in ``UNSUPPORTED`` (README, "Corpus coverage"). A net whose definition is
+file), nets built on Python layers whose modules the corpus does not ship, and any layer
+type the registry lacks (none today; README, "Corpus coverage"). A net whose definition is
 broken in Caffe too (a legacy ``input:`` without dims, which Caffe's upgrade drops) must
 fail the way Caffe does.
 """
@@ -16,14 +16,12 @@ import torch
 
 import caffe2torch as caffe
 from caffe2torch import CaffeError, NetError
+from caffe2torch.forks import using_fork
 from caffe2torch.layers.registry import _REGISTRY
 from conftest import shared_dir
 
-# Fork layer types no caffe2torch layer implements yet (1-3 corpus nets each).
-UNSUPPORTED = {"DataAugmentation", "Accum", "Resample", "YoloDetectionOutput", "Reorg",
-               "Yolov3", "YoloSeg", "LaneData", "Correlation", "FlowWarp", "ImageLabelmapData",
-               "SmoothL1LossOHEM", "SoftmaxWithLossOHEM", "BoxAnnotatorOHEM",
-               "MarginInnerProduct"}
+# Nets whose layers reproduce a fork only under that fork's switch (README, "Fork types").
+FORK_OF = {"repos/sfzhang15__FaceBoxes/models/faceboxes/deploy.prototxt": "faceboxes"}
 
 
 def _rows() -> list[dict[str, str]]:
@@ -56,9 +54,6 @@ NOT_NETS = {
         "must hold boxes and variances",
     "repos/opencv__opencv_extra/testdata/dnn/layers/net_faster_rcnn_proposal.prototxt":
         "got shapes \\[\\], \\[\\], \\[\\]",
-    # FaceBoxes' own PriorBox packs extra dense boxes (a fork not implemented).
-    "repos/sfzhang15__FaceBoxes/models/faceboxes/deploy.prototxt":
-        "number of priors must match number of location predictions",
     # A legacy `input:` without dims: Caffe's upgrade drops it and Caffe fails the same way.
     "repos/opencv__opencv_extra/testdata/dnn/layers/reshape_and_slice_routines.prototxt":
         "unknown bottom blob 'input'",
@@ -71,8 +66,7 @@ def _expected_failure(row: dict[str, str]) -> str | None:
         return NOT_NETS[row["path"]]
     types = set(filter(None, row["custom_types"].split(","))) | set(row["types_used"].split(","))
     reasons = []
-    text = (shared_dir() / "corpus" / row["path"]).read_text(errors="replace")
-    if any(t not in _REGISTRY for t in types & UNSUPPORTED) or "yolo_data_type" in text:
+    if any(t not in _REGISTRY for t in types):
         reasons.append(NOT_IMPLEMENTED)
     if row["python_layers"]:
         reasons.append(PYTHON_MODULES)
@@ -82,13 +76,15 @@ def _expected_failure(row: dict[str, str]) -> str | None:
 
 
 def _build(path) -> caffe.Net:
-    """The net as a user would run it: at TEST, or at TRAIN when its inputs exist only there."""
-    try:
-        return caffe.Net(str(path), caffe.TEST)
-    except NetError as exc:
-        if "unknown bottom blob" not in str(exc):
-            raise
-        return caffe.Net(str(path), caffe.TRAIN)
+    """The net as a user would run it: at TEST, or at TRAIN when its inputs exist only there,
+    under its fork's switch where it needs one."""
+    with using_fork(FORK_OF.get(path.relative_to(shared_dir() / "corpus").as_posix())):
+        try:
+            return caffe.Net(str(path), caffe.TEST)
+        except NetError as exc:
+            if "unknown bottom blob" not in str(exc):
+                raise
+            return caffe.Net(str(path), caffe.TRAIN)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r["path"] for r in ROWS])
