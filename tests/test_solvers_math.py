@@ -209,6 +209,49 @@ def test_load_history_resumes_exactly() -> None:
         assert torch.equal(got, want)
 
 
+CHANGED = {"momentum": 0.5, "momentum2": 0.99, "delta": 1e-4, "rms_decay": 0.9}
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("name", list(RULES))
+def test_group_values_changed_between_steps_take_effect(name: str, foreach: bool) -> None:
+    """Every step reads the groups' current values, as Caffe reads ``param_`` at every update:
+    changing them after two steps == a fresh optimizer made with the new values that takes
+    over the weights and the history."""
+    _, _, hp = RULES[name]
+    weights, grads = _scenario()
+    new_hp = {k: CHANGED.get(k, v) for k, v in hp.items()}
+    groups = [dict(g, lr_mult=2 * g["lr_mult"], regularization="L2") for g in GROUPS]
+
+    def run(opt, params, steps):
+        for step in steps:
+            for p, g in zip(params, grads[step]):
+                p.grad = None if g is None else torch.tensor(g)
+            opt.set_lr(RATES[step])
+            opt.step()
+
+    params = [torch.nn.Parameter(torch.tensor(w)) for w in weights]
+    changed = OPTIMIZERS[name](_param_groups(params), lr=0.0, weight_decay=WEIGHT_DECAY,
+                               foreach=foreach, **hp)
+    run(changed, params, range(2))
+    taken_over = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    history = [h.clone() for h in changed.history()]
+    for group, values in zip(changed.param_groups, groups):
+        group.update(values, weight_decay=2 * WEIGHT_DECAY, **new_hp)
+    run(changed, params, range(2, len(RATES)))
+
+    fresh_groups = [dict(params=[p for p, (_, k) in zip(taken_over, PARAMS) if k == g],
+                         **groups[g]) for g in range(len(groups))]
+    fresh = OPTIMIZERS[name](fresh_groups, lr=0.0, weight_decay=2 * WEIGHT_DECAY,
+                             foreach=foreach, **new_hp)
+    fresh.load_history(history)
+    fresh.set_iteration(2)
+    run(fresh, taken_over, range(2, len(RATES)))
+    for a, b in zip(params + changed.history(), taken_over + fresh.history()):
+        assert torch.equal(a, b)
+    assert not torch.equal(params[0], torch.tensor(run_reference(name)[0][0]))
+
+
 def test_load_history_checks_count_and_shape() -> None:
     a, b = torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(2))
     opt = SGD([a, b], lr=0.1, momentum=0.9)

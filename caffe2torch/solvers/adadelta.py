@@ -37,7 +37,9 @@ class AdaDelta(CaffeOptimizer):
                 history: list[list[Tensor]], s: dict[str, Scalars]) -> None:
         sq_grad, sq_update = history
         ops.axpby_(s["one_minus_momentum"], ops.mul(grads, grads), s["momentum"], sq_grad)
-        ratio = ops.div(ops.add(sq_update, s["delta"]), ops.add(sq_grad, s["delta"]))
-        update = ops.mul(grads, ops.sqrt(ratio))
+        ratio = ops.add(sq_update, s["delta"])
+        ops.div_(ratio, ops.add(sq_grad, s["delta"]))
+        update = ops.sqrt(ratio)
+        ops.mul_(update, grads)  # g * root: the product commutes, bit for bit
         ops.axpby_(s["one_minus_momentum"], ops.mul(update, update), s["momentum"], sq_update)
-        ops.sub_(params, ops.mul(update, s["local_rate"]))
+        ops.sub_scaled_(params, update, s["local_rate"])

@@ -34,4 +34,4 @@ class AdaGrad(CaffeOptimizer):
                 history: list[list[Tensor]], s: dict[str, Scalars]) -> None:
         (sum_sq,) = history
         ops.add_(sum_sq, ops.mul(grads, grads))
-        ops.sub_(params, ops.rms_scaled(grads, sum_sq, s["delta"], s["local_rate"]))
+        ops.sub_scaled_(params, ops.rms_normalized(grads, sum_sq, s["delta"]), s["local_rate"])

@@ -22,6 +22,7 @@ class Adam(CaffeOptimizer):
     """
 
     history_slots = ("m", "v")
+    scalars_use_iteration = True
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float, *,
                  momentum: float = 0.0, momentum2: float = 0.999, delta: float = 1e-8,
@@ -44,4 +45,4 @@ class Adam(CaffeOptimizer):
         m, v = history
         ops.axpby_(s["one_minus_beta1"], grads, s["beta1"], m)
         ops.axpby_(s["one_minus_beta2"], ops.mul(grads, grads), s["beta2"], v)
-        ops.sub_(params, ops.rms_scaled(m, v, s["delta"], s["step_size"]))
+        ops.sub_scaled_(params, ops.rms_normalized(m, v, s["delta"]), s["step_size"])

@@ -11,27 +11,34 @@ Caffe trains in float32 (``caffe train`` and pycaffe only instantiate ``Solver<f
 every scalar it derives (``local_rate = rate * lr_mult``, ``1 - momentum``, Adam's bias
 correction) is a float32 value: the scalars here are rounded the same way (:func:`f32`) so
 that updates match Caffe to the last bit or two.
+
+Speed: a step runs each elementwise operation once over all params (``torch._foreach_*``) on
+lists and per-param scalars that are prepared once and kept while no param group changes
+(:class:`_Plan`). On CPU, ``y + s*x`` is one ``addcmul`` pass where that rounds exactly as
+Caffe's multiply-then-add does (:func:`fused_scaled_add_is_exact`).
 """
 from __future__ import annotations
 
 import math
 import struct
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from operator import itemgetter
+from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    import numpy as np
-
 REGULARIZATION_TYPES = ("L2", "L1")
+
+
+_F32 = struct.Struct("f")
 
 
 def f32(x: float) -> float:
     """Round a Python float to the nearest float32 value, as Caffe's float arithmetic would."""
     try:
-        return struct.unpack("f", struct.pack("f", x))[0]
+        return _F32.unpack(_F32.pack(x))[0]
     except OverflowError:  # finite double beyond float32 range: C's cast gives infinity
         return math.copysign(math.inf, x)
 
@@ -43,16 +50,48 @@ def _inexact_sqrt(x: Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu"
 
 
+_FUSED_EXACT: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
+def fused_scaled_add_is_exact(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``addcmul(y, x, ones, value=s)`` gives ``y + s*x`` rounded twice, as Caffe does.
+
+    ATen's CPU kernel evaluates ``y + s*x*1`` left to right: ``s*x`` is rounded first, and a
+    compiler's fused multiply-add of the rest, ``fma(s*x, 1, y)``, rounds like the plain sum.
+    So one pass replaces a multiply pass and an add pass without changing a bit. This is
+    checked once per device and dtype on random data (vector body and scalar tail), never
+    assumed; elsewhere (CUDA computes ``y + s*(x*1)``, which a fused multiply-add rounds once)
+    the two multi-tensor ops are kept.
+    """
+    key = (device, dtype)
+    if key not in _FUSED_EXACT:
+        exact = device.type == "cpu" and dtype in (torch.float32, torch.float64)
+        if exact:
+            gen = torch.Generator().manual_seed(0)
+            x, y = (torch.randn(4099, generator=gen, dtype=dtype) for _ in range(2))
+            ones, s = torch.ones((), dtype=dtype).expand_as(x), f32(0.1234567)
+            want = y + x * s
+            exact = (torch.equal(torch._foreach_addcmul([y], [x], [ones], [s])[0], want)
+                     and torch.equal(y.clone().addcmul_(x, ones, value=s), want))
+        _FUSED_EXACT[key] = exact
+    return _FUSED_EXACT[key]
+
+
 class TensorListOps:
     """Elementwise ops over lists of tensors: multi-tensor ``torch._foreach_*`` or one at a time.
 
     Each update rule is written once against this interface, so the fast path
     (``foreach=True``) and the per-tensor path run the same primitive ops in the same order and
     round identically. Second operands are lists (one tensor or Python scalar per tensor).
+
+    ``ones``: where :func:`fused_scaled_add_is_exact` holds, broadcast 1s shaped like the
+    tensors the rule works on (its params, in order); :meth:`add_scaled_` and friends then make
+    one ``addcmul`` pass instead of a multiply and an add, with the same result.
     """
 
-    def __init__(self, foreach: bool) -> None:
+    def __init__(self, foreach: bool, ones: list[Tensor] | None = None) -> None:
         self.foreach = foreach
+        self.ones = ones
 
     def _apply(self, name: str, xs: list[Tensor], *others: Sequence[Any]) -> list[Tensor]:
         if self.foreach:
@@ -77,29 +116,134 @@ class TensorListOps:
     def div(self, xs: list[Tensor], ys: Sequence[Any]) -> list[Tensor]:
         return self._apply("div", xs, ys)
 
-    def sqrt(self, xs: list[Tensor]) -> list[Tensor]:
-        """Correctly rounded root, as Caffe's ``powx(x, 0.5)`` and CUDA's ``sqrtf`` give.
+    def div_(self, xs: list[Tensor], ys: Sequence[Any]) -> None:
+        self._apply("div_", xs, ys)
 
-        torch's float32 sqrt on CPU (MKL VML) is 1 ulp off for ~1 element in 6; the root of
-        the float64 value, rounded back, is exact.
+    def sqrt(self, xs: list[Tensor]) -> list[Tensor]:
+        """Correctly rounded roots (new tensors), as Caffe's ``powx(x, 0.5)`` and CUDA's
+        ``sqrtf`` give.
+
+        torch's float32 sqrt on CPU (MKL VML) is 1 ulp off for ~1 element in 6, and its float64
+        one is slow on some CPUs; numpy's float32 sqrt is the IEEE instruction, exact and fast.
         """
-        if not any(_inexact_sqrt(x) for x in xs):
+        inexact = [_inexact_sqrt(x) for x in xs]
+        if not any(inexact):
             return self._apply("sqrt", xs)
-        roots = self._apply("sqrt", [x.double() if _inexact_sqrt(x) else x for x in xs])
-        return [r.to(x.dtype) for r, x in zip(roots, xs)]
+        with np.errstate(invalid="ignore"):  # negative -> NaN, as torch gives it
+            return [torch.from_numpy(np.sqrt(x.detach().numpy())) if d else x.sqrt()
+                    for x, d in zip(xs, inexact)]
 
     def sign(self, xs: list[Tensor]) -> list[Tensor]:
         return self._apply("sign", xs)
 
+    def add_scaled_(self, ys: list[Tensor], xs: list[Tensor], a: Scalars) -> None:
+        """``ys += a*xs`` in place, the product rounded before the sum (``caffe_axpy``)."""
+        if self.ones is None:
+            self.add_(ys, self.mul(xs, a))
+        elif self.foreach:
+            torch._foreach_addcmul_(ys, xs, self.ones, a)
+        else:
+            for y, x, one, value in zip(ys, xs, self.ones, a):
+                y.addcmul_(x, one, value=value)
+
+    def add_scaled(self, ys: list[Tensor], xs: list[Tensor], a: Scalars) -> list[Tensor]:
+        """``ys + a*xs`` as new tensors, the product rounded before the sum."""
+        if self.ones is None:
+            return self.add(ys, self.mul(xs, a))
+        if self.foreach:
+            return torch._foreach_addcmul(ys, xs, self.ones, a)
+        return [torch.addcmul(y, x, one, value=value)
+                for y, x, one, value in zip(ys, xs, self.ones, a)]
+
+    def sub_scaled_(self, ys: list[Tensor], xs: list[Tensor], a: Scalars) -> None:
+        """``ys -= a*xs`` in place (``W -= local_rate * update``), the product rounded first."""
+        if self.ones is None:
+            self.sub_(ys, self.mul(xs, a))
+        else:  # y + (-a)*x: negation is exact, so this rounds as y - a*x
+            self.add_scaled_(ys, xs, [-value for value in a])
+
     def axpby_(self, a: Scalars, xs: list[Tensor], b: Scalars, ys: list[Tensor]) -> None:
         """``ys = a*xs + b*ys`` in place, as ``caffe_cpu_axpby`` does it: scale ``ys``, then add."""
         self.mul_(ys, b)
-        self.add_(ys, self.mul(xs, a))
+        self.add_scaled_(ys, xs, a)
 
-    def rms_scaled(self, xs: list[Tensor], hs: list[Tensor], delta: Scalars,
-                   rate: Scalars) -> list[Tensor]:
-        """``rate * xs / (sqrt(hs) + delta)``: AdaGrad/RMSProp/Adam add delta *after* the root."""
-        return self.mul(self.div(xs, self.add(self.sqrt(hs), delta)), rate)
+    def rms_normalized(self, xs: list[Tensor], hs: list[Tensor], delta: Scalars) -> list[Tensor]:
+        """``xs / (sqrt(hs) + delta)``: AdaGrad/RMSProp/Adam add delta *after* the root."""
+        denominators = self.sqrt(hs)  # new tensors, so the shift can be in place
+        self.add_(denominators, delta)
+        return self.div(xs, denominators)
+
+
+class _Plan:
+    """One step's operands, kept between steps: params, history, broadcast 1s, scalars.
+
+    Params are ordered by regularization (L2-decayed, L1-decayed, then undecayed) so that
+    Regularize is one multi-tensor op per kind; within a kind they keep the groups' order.
+    ``scalars[name]`` has one value per param, in the same order.
+    """
+
+    __slots__ = ("foreach", "params", "history", "ones", "scalars", "n_l2", "n_l1", "ops",
+                 "l2_ops", "l1_ops")
+
+    def __init__(self, foreach: bool, params: list[Tensor], history: list[list[Tensor]],
+                 ones: list[Tensor] | None, scalars: dict[str, Scalars], n_l2: int,
+                 n_l1: int) -> None:
+        self.foreach, self.params, self.history, self.ones = foreach, params, history, ones
+        self.scalars, self.n_l2, self.n_l1 = scalars, n_l2, n_l1
+        self.ops = TensorListOps(foreach, ones)
+        cut = n_l2 + n_l1
+        self.l2_ops = TensorListOps(foreach, None if ones is None else ones[:n_l2])
+        self.l1_ops = TensorListOps(foreach, None if ones is None else ones[n_l2:cut])
+
+    def select(self, keep: list[int]) -> _Plan:
+        """The plan for the params at positions ``keep`` only (those that have a gradient)."""
+        kinds = sum(i < self.n_l2 for i in keep), sum(i < self.n_l2 + self.n_l1 for i in keep)
+        return _Plan(self.foreach, [self.params[i] for i in keep],
+                     [[slot[i] for i in keep] for slot in self.history],
+                     None if self.ones is None else [self.ones[i] for i in keep],
+                     {name: [values[i] for i in keep] for name, values in self.scalars.items()},
+                     kinds[0], kinds[1] - kinds[0])
+
+    def regularize(self, grads: list[Tensor]) -> list[Tensor]:
+        """Caffe's Regularize: ``g + decay*W`` (L2) or ``g + decay*sign(W)`` (L1), skipped at
+        decay 0. Returns new gradient tensors; ``.grad`` itself is left as backward produced it.
+        """
+        n_l2, cut = self.n_l2, self.n_l2 + self.n_l1
+        decays = self.scalars["local_decay"]
+        if n_l2 == len(grads):
+            return self.l2_ops.add_scaled(grads, self.params, decays)
+        out = []
+        if n_l2:
+            out += self.l2_ops.add_scaled(grads[:n_l2], self.params[:n_l2], decays[:n_l2])
+        if cut > n_l2:
+            signs = self.l1_ops.sign(self.params[n_l2:cut])
+            out += self.l1_ops.add_scaled(grads[n_l2:cut], signs, decays[n_l2:cut])
+        return out + grads[cut:]
+
+
+class _Layout:
+    """The param order of a :class:`_Plan` (by regularization kind, then group order) with the
+    history lists and broadcast 1s in that order; kept while params and kinds stay."""
+
+    def __init__(self, optimizer: CaffeOptimizer, key: Any, kinds: list[int]) -> None:
+        self.key = key
+        order = sorted((kind, g, p) for g, kind in enumerate(kinds)
+                       for p in range(len(optimizer.param_groups[g]["params"])))
+        self.group_of = [g for _, g, _ in order]
+        self.params = [optimizer.param_groups[g]["params"][p] for _, g, p in order]
+        optimizer._ensure_history(self.params)
+        self.history = [[optimizer.state[p][slot] for p in self.params]
+                        for slot in optimizer.history_slots]
+        self.ones = _broadcast_ones(self.params)
+        counts = [kind for kind, _, _ in order]
+        self.n_l2, self.n_l1 = counts.count(_KINDS["L2"]), counts.count(_KINDS["L1"])
+
+    def plan(self, foreach: bool, group_scalars: list[dict[str, float]]) -> _Plan:
+        """The plan with ``group_scalars[g]`` (one dict per param group) spread per param."""
+        names = group_scalars[0] if group_scalars else {}
+        scalars = {name: [group_scalars[g][name] for g in self.group_of] for name in names}
+        return _Plan(foreach, self.params, self.history, self.ones, scalars, self.n_l2,
+                     self.n_l1)
 
 
 class CaffeOptimizer(torch.optim.Optimizer):
@@ -109,7 +253,9 @@ class CaffeOptimizer(torch.optim.Optimizer):
     ``lr_mult`` and ``decay_mult`` (the layer's ``param {}`` multipliers, default 1),
     ``weight_decay`` (default 0) and ``regularization`` (``"L2"`` or ``"L1"``), plus the
     subclass's hyper-parameters. Caffe's ``local_rate = lr * lr_mult`` and
-    ``local_decay = weight_decay * decay_mult`` are per group.
+    ``local_decay = weight_decay * decay_mult`` are per group. Every step reads the groups'
+    current values, as Caffe reads its ``param_`` at every update: change ``momentum`` (or any
+    other key) in a group and the next step uses it.
 
     Iteration: :meth:`step` uses :attr:`iteration` as Caffe's ``iter_`` (Adam's ``t`` is
     ``iteration + 1``) and then increments it, as ``Solver::Step`` does after each update, so
@@ -119,10 +265,20 @@ class CaffeOptimizer(torch.optim.Optimizer):
     Params whose ``.grad`` is None are skipped (their history is left untouched). Caffe
     always has a diff, zero when unused, and still decays history and applies weight decay to
     such params: a driver wanting Caffe's exact behaviour gives them zero gradients.
+
+    The param lists are the groups' own: add params with :meth:`add_param_group`, not by
+    changing a group's ``params`` list in place.
     """
 
     #: State keys of the history blobs, in the order Caffe appends them to ``history_``.
     history_slots: ClassVar[tuple[str, ...]] = ("history",)
+    #: Whether :meth:`_rule_scalars` depends on :attr:`iteration` (Adam's bias correction).
+    scalars_use_iteration: ClassVar[bool] = False
+
+    _values: Callable[[dict[str, Any]], tuple[Any, ...]] | None = None
+    _plan: _Plan | None = None
+    _plan_key: Any = None
+    _layout: _Layout | None = None
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float, *,
                  weight_decay: float = 0.0, regularization: str = "L2", foreach: bool = True,
@@ -138,11 +294,9 @@ class CaffeOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if group["regularization"] not in REGULARIZATION_TYPES:
-            raise ValueError(f"{type(self).__name__}: unknown regularization type "
-                             f"{group['regularization']!r}; expected one of "
-                             f"{', '.join(REGULARIZATION_TYPES)}")
+        _check_regularization(type(self).__name__, group["regularization"])
         self._check_group(group)
+        self._plan_key = None
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Reject hyper-parameters Caffe's constructor would CHECK-fail on."""
@@ -166,15 +320,16 @@ class CaffeOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.iteration = int(state_dict.get("iteration", 0))
+        self._plan_key = self._layout = None  # the history tensors were replaced
 
     # -- history blobs (the .solverstate contents) ----------------------------------------
 
     def _all_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _ensure_history(self) -> None:
+    def _ensure_history(self, params: list[Tensor] | None = None) -> None:
         """Create zero history for every param: Caffe keeps a slot even for never-updated ones."""
-        for p in self._all_params():
+        for p in self._all_params() if params is None else params:
             state = self.state[p]
             for slot in self.history_slots:
                 if slot not in state:
@@ -229,6 +384,35 @@ class CaffeOptimizer(torch.optim.Optimizer):
         return {"local_rate": local_rate, "local_decay": local_decay,
                 **self._rule_scalars(group, local_rate)}
 
+    def _current_plan(self) -> _Plan:
+        """The plan of the last step while no group's params or values (nor, for Adam, the
+        iteration) changed. Otherwise the scalars are computed again, once per distinct set of
+        group values, and the param order and history lists are kept unless a param or a
+        regularization kind changed."""
+        groups = self.param_groups
+        if self._values is None:
+            self._values = itemgetter(*self.defaults)
+        values = list(map(self._values, groups))
+        key = (self.foreach, self.iteration if self.scalars_use_iteration else None,
+               [tuple(map(id, group["params"])) for group in groups], values)
+        if self._plan is not None and key == self._plan_key:
+            return self._plan
+        name = type(self).__name__
+        by_values: dict[tuple[Any, ...], dict[str, float]] = {}
+        for group, group_values in zip(groups, values):
+            _check_regularization(name, group["regularization"])
+            if group_values not in by_values:
+                by_values[group_values] = self._group_scalars(group)
+        scalars = [by_values[v] for v in values]
+        kinds = [_KINDS[group["regularization"]] if s["local_decay"] != 0 else _UNDECAYED
+                 for group, s in zip(groups, scalars)]
+        layout_key = (key[2], kinds)
+        if self._layout is None or self._layout.key != layout_key:
+            self._layout = _Layout(self, layout_key, kinds)
+        self._plan = self._layout.plan(self.foreach, scalars)
+        self._plan_key = key
+        return self._plan
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One Caffe update (Regularize, ComputeUpdateValue, W -= step), then ``iteration += 1``."""
@@ -236,50 +420,39 @@ class CaffeOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._ensure_history()
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        l1: list[bool] = []
-        history: list[list[Tensor]] = [[] for _ in self.history_slots]
-        scalars: dict[str, Scalars] = {}
-        for group in self.param_groups:
-            group_scalars = self._group_scalars(group)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                params.append(p)
-                grads.append(p.grad)
-                l1.append(group["regularization"] == "L1")
-                for slot, tensors in zip(self.history_slots, history):
-                    tensors.append(self.state[p][slot])
-                for key, value in group_scalars.items():
-                    scalars.setdefault(key, []).append(value)
-        if params:
-            ops = TensorListOps(self.foreach)
-            grads = _regularize(ops, params, grads, scalars["local_decay"], l1)
-            self._update(ops, params, grads, history, scalars)
+        plan = self._current_plan()
+        grads = [p.grad for p in plan.params]
+        if any(g is None or g.is_sparse for g in grads):
+            if any(g is not None and g.is_sparse for g in grads):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            keep = [i for i, g in enumerate(grads) if g is not None]
+            plan, grads = plan.select(keep), [grads[i] for i in keep]
+        if grads:
+            self._update(plan.ops, plan.params, plan.regularize(grads), plan.history,
+                         plan.scalars)
         self.iteration += 1
         return loss
 
 
-def _regularize(ops: TensorListOps, params: list[Tensor], grads: list[Tensor],
-                decays: Scalars, l1: list[bool]) -> list[Tensor]:
-    """Caffe's Regularize: ``g + decay*W`` (L2) or ``g + decay*sign(W)`` (L1), skipped at decay 0.
+_KINDS = {"L2": 0, "L1": 1}
+_UNDECAYED = 2  # Caffe skips Regularize where local_decay == 0
 
-    Returns new gradient tensors; ``.grad`` itself is left as backward produced it.
-    """
-    grads = list(grads)
-    for use_l1 in (False, True):
-        idx = [i for i, (d, k) in enumerate(zip(decays, l1)) if d != 0 and k == use_l1]
-        if not idx:
-            continue
-        weights = [params[i] for i in idx]
-        penalty = ops.mul(ops.sign(weights) if use_l1 else weights, [decays[i] for i in idx])
-        for i, g in zip(idx, ops.add([grads[i] for i in idx], penalty)):
-            grads[i] = g
-    return grads
+
+def _check_regularization(name: str, kind: str) -> None:
+    if kind not in REGULARIZATION_TYPES:
+        raise ValueError(f"{name}: unknown regularization type {kind!r}; expected one of "
+                         f"{', '.join(REGULARIZATION_TYPES)}")
+
+
+def _broadcast_ones(params: list[Tensor]) -> list[Tensor] | None:
+    """A broadcast 1 shaped like each param, or None where the fused ops would not be exact."""
+    if not all(fused_scaled_add_is_exact(p.device, p.dtype) for p in params):
+        return None
+    bases: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+    for p in params:
+        if (p.device, p.dtype) not in bases:
+            bases[p.device, p.dtype] = torch.ones((), dtype=p.dtype, device=p.device)
+    return [bases[p.device, p.dtype].expand_as(p) for p in params]
 
 
 def _strip_leading_ones(shape: Sequence[int]) -> tuple[int, ...]:

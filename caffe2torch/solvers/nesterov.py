@@ -23,6 +23,7 @@ class Nesterov(SGD):
     def _update(self, ops: TensorListOps, params: list[Tensor], grads: list[Tensor],
                 history: list[list[Tensor]], s: dict[str, Scalars]) -> None:
         (velocity,) = history
-        step_back = ops.mul(velocity, s["neg_momentum"])
+        step = ops.mul(velocity, s["neg_momentum"])  # -m*V_old, then (1+m)*V_new added to it
         ops.axpby_(s["local_rate"], grads, s["momentum"], velocity)
-        ops.sub_(params, ops.add(ops.mul(velocity, s["one_plus_momentum"]), step_back))
+        ops.add_scaled_(step, velocity, s["one_plus_momentum"])
+        ops.sub_(params, step)

@@ -38,4 +38,4 @@ class RMSProp(CaffeOptimizer):
                 history: list[list[Tensor]], s: dict[str, Scalars]) -> None:
         (mean_sq,) = history
         ops.axpby_(s["one_minus_decay"], ops.mul(grads, grads), s["rms_decay"], mean_sq)
-        ops.sub_(params, ops.rms_scaled(grads, mean_sq, s["delta"], s["local_rate"]))
+        ops.sub_scaled_(params, ops.rms_normalized(grads, mean_sq, s["delta"]), s["local_rate"])
