@@ -44,6 +44,7 @@ from .mode import device, set_random_seed
 from .net import Net
 from .proto import caffe_pb2
 from .solvers import OPTIMIZERS, CaffeOptimizer, clip_gradients_, learning_rate, scale_gradients_
+from .solvers.base import REGULARIZATION_TYPES
 from .weights import copy_weights, save_caffemodel, save_hdf5
 
 log = logging.getLogger("caffe2torch")
@@ -225,6 +226,15 @@ class Solver:
 
     Subclasses (``SGDSolver``, ``AdamSolver``, ...) fix the update rule as pycaffe's classes do;
     on this base class the file's ``type`` decides.
+
+    ``param`` is the solver's own SolverParameter, Caffe's ``param_``, which ``ApplyUpdate``
+    reads at every update: a change to ``base_lr`` or the lr policy's fields, ``momentum``,
+    ``momentum2``, ``delta``, ``rms_decay``, ``weight_decay``, ``regularization_type``,
+    ``clip_gradients`` or ``iter_size`` counts from the next update on, the history carrying
+    over as in Caffe. (BVLC pycaffe's ``solver.param`` is a copy, with only ``max_iter``,
+    ``display``, ``layer_wise_reduce`` and ``base_lr`` exposed, so changing it there does
+    nothing; NVIDIA Caffe's ``solver.param = p`` replaces the parameters, as assigning does
+    here.)
     """
 
     solver_type: ClassVar[str | None] = None
@@ -250,6 +260,7 @@ class Solver:
         for test_net in self.test_nets:
             test_net.share_with(self.net)
         self.optimizer = self._make_optimizer()
+        self._update_values = self._hyper_parameters()
         self._params = [lp.param for lp in self.net.module.learnable]
         self.iter = 0
         self.current_step = 0
@@ -355,6 +366,27 @@ class Solver:
                        regularization=self.param.regularization_type, **hyper)
         except ValueError as exc:
             raise CaffeError(f"{self.param.type} solver: {exc}") from None
+
+    def _hyper_parameters(self) -> tuple[Any, ...]:
+        """``weight_decay``, ``regularization_type``, then the ``_HYPER`` fields, from ``param``."""
+        p = self.param
+        return (p.weight_decay, p.regularization_type, *[getattr(p, k) for k in _HYPER])
+
+    def _sync_hyper_parameters(self) -> None:
+        """Give the update rule ``param``'s current values (Caffe reads ``param_`` at every
+        update); the groups are only written when a value changed."""
+        values = self._hyper_parameters()
+        if values == self._update_values:
+            return
+        weight_decay, regularization = values[:2]
+        if regularization not in REGULARIZATION_TYPES:
+            raise CaffeError(f"Unknown regularization type: {regularization}")
+        for group in self.optimizer.param_groups:
+            group["weight_decay"], group["regularization"] = weight_decay, regularization
+            for key, value in zip(_HYPER, values[2:]):
+                if key in group:
+                    group[key] = value
+        self._update_values = values
 
     # -- pycaffe surface --------------------------------------------------------------------
     @property
@@ -504,6 +536,7 @@ class Solver:
                          fmt(F32(p.clip_gradients) / F32(norm)))
         if p.iter_size != 1:
             scale_gradients_(self._params, 1.0 / p.iter_size)
+        self._sync_hyper_parameters()
         self.optimizer.set_lr(rate)
         self.optimizer.set_iteration(self.iter)
         self.optimizer.step()

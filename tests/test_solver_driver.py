@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
-from caffe2torch.errors import FormatError
+from caffe2torch.errors import CaffeError, FormatError
 from caffe2torch.formats import read_caffemodel
 from caffe2torch.solver import (AdamSolver, NesterovSolver, SGDSolver, Solver, TrainingError,
                                 get_solver)
@@ -132,6 +132,48 @@ def test_snapshot_restore_round_trip_is_exact(problem: Path, fmt: str) -> None:
     assert solved.iter == 20 and Path(f"snap_iter_20.caffemodel{suffix}").is_file()
     for a, b in zip(weights(first), weights(solved)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind, field, text", [
+    ("SGD", "momentum", "0.5"), ("SGD", "weight_decay", "0.05"),
+    ("SGD", "regularization_type", '"L1"'), ("Nesterov", "momentum", "0"),
+    ("Adam", "momentum2", "0.99"), ("Adam", "delta", "0.001"),
+    ("RMSProp", "rms_decay", "0.9"), ("AdaDelta", "momentum", "0.5"),
+])
+def test_param_changes_count_from_the_next_update(problem: Path, kind: str, field: str,
+                                                   text: str) -> None:
+    """Caffe's ApplyUpdate reads ``param_`` at every update: a field changed on
+    ``solver.param`` after 10 iterations acts like a solver file carrying the new value that
+    restores the iteration-10 snapshot (the history carries over)."""
+    fields = {"type": f'"{kind}"', "momentum": None if kind == "RMSProp" else "0.9",
+              "delta": "1e-4"}
+    base = write_solver(problem, "base.prototxt", **fields)
+    changed_file = write_solver(problem, "changed.prototxt", **{**fields, field: text})
+    changed = get_solver(base)
+    changed.step(10)                                   # one epoch: the data start over
+    value = getattr(get_solver(changed_file).param, field)
+    setattr(changed.param, field, value)
+    changed.step(5)
+
+    reference = get_solver(base)
+    reference.step(10)
+    _, state = reference.snapshot()
+    resumed = get_solver(changed_file)
+    resumed.restore(state)
+    resumed.step(5)
+    reference.step(5)
+    for a, b in zip(weights(changed), weights(resumed)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(changed.optimizer.history(), resumed.optimizer.history()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert any(not np.array_equal(a, b) for a, b in zip(weights(changed), weights(reference)))
+
+
+def test_unknown_regularization_type_set_later_is_refused(problem: Path) -> None:
+    solver = SGDSolver("solver.prototxt")
+    solver.param.regularization_type = "L3"
+    with pytest.raises(CaffeError, match="Unknown regularization type: L3"):
+        solver.step(1)
 
 
 def test_restore_checks_history_count(problem: Path) -> None:
