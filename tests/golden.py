@@ -38,26 +38,70 @@ def _close(what: str, ours: np.ndarray, theirs: np.ndarray, rtol: float, atol: f
 # element: float32 sums taken in another order (oneDNN vs Caffe's OpenBLAS GEMM) differ by
 # ~1e-7 relative per operation, and through 20-200 layers a near-zero element of a blob whose
 # other elements are large cannot meet an element-wise rtol. Forward blobs and parameters must
-# satisfy max|ours - caffe| <= atol + rtol * max|caffe| with the case's own rtol/atol.
-# Backward blobs of the deep max-pooling nets (VGG-16, FCN-8s, GoogLeNet, DenseNet, SE-BN-
-# Inception, Ultra-Light RFB) depart from Caffe's recording by 1e-3..1e-2 in relative L2 norm
-# while our float32 gradient equals our float64 gradient to 5e-6; until that gap is explained
-# (see the issue notes) backward blobs of net cases are held to a relative L2 error of 2e-2.
+# satisfy max|ours - caffe| <= atol + rtol * max|caffe| with the case's own rtol/atol, and so
+# must diffs, except where they cannot, for two float32 reasons outside the semantics:
+# * MAX-pooling or ReLU decisions that tie within float32 rounding, decided one way by Caffe's
+#   sums and the other by ours (tests/near_ties.py): a patch of the gradients below them
+#   differs wholly. With those decided Caffe's way, our float64 gradients must meet the bound;
+# * Caffe's Softmax backward takes sum(dy * y) with OpenBLAS's AVX-512 sdot (float32 lanes, 64
+#   products at a time); after a peaked softmax, dy - sum(dy * y) cancels most digits and that
+#   rounding reaches 1e-4 of the blob's scale (SqueezeNet), so diffs are held to
+#   NET_BACKWARD_RTOL of their scale when the case's rtol is tighter.
+# Our float32 diffs then keep a relative L2 distance of at most NET_BACKWARD_REL_L2 from
+# Caffe's: they may decide a near-tie differently from both Caffe and float64.
+NET_BACKWARD_RTOL = 1e-3
 NET_BACKWARD_REL_L2 = 2e-2
 
 
 def _net_close(what: str, ours: np.ndarray, theirs: np.ndarray, rtol: float, atol: float) -> None:
-    ours = np.asarray(ours, dtype=np.float64).reshape(theirs.shape) \
-        if np.asarray(ours).size == theirs.size else np.asarray(ours)
-    assert ours.shape == theirs.shape, f"{what}: shape {list(ours.shape)}, Caffe {list(theirs.shape)}"
+    error = _net_error(what, ours, theirs, rtol, atol)
+    assert error is None, error
+
+
+def _net_error(what: str, ours: np.ndarray, theirs: np.ndarray, rtol: float, atol: float
+               ) -> str | None:
+    """Why ``ours`` misses Caffe's recorded blob by more than its scale allows, or None."""
+    ours = np.asarray(ours, dtype=np.float64)
+    if ours.size == theirs.size:
+        ours = ours.reshape(theirs.shape)
+    if ours.shape != theirs.shape:
+        return f"{what}: shape {list(ours.shape)}, Caffe {list(theirs.shape)}"
     ref = theirs.astype(np.float64)
-    if what.startswith(("diff/", "param_diff/")):
-        err = np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-30)
-        assert err <= NET_BACKWARD_REL_L2, f"{what}: relative L2 error {err:.3g}"
-        return
     worst = np.abs(ours - ref).max() if ref.size else 0.0
-    bound = atol + rtol * (np.abs(ref).max() if ref.size else 0.0)
-    assert worst <= bound, f"{what}: max |ours - caffe| = {worst:.3g} > {bound:.3g} (scale {np.abs(ref).max():.3g})"
+    scale = np.abs(ref).max() if ref.size else 0.0
+    if worst <= atol + rtol * scale:
+        return None
+    return f"{what}: max |ours - caffe| = {worst:.3g} > {atol + rtol * scale:.3g} (scale {scale:.3g})"
+
+
+def _net_backward(net, spec: dict, blobs, rtol: float, atol: float) -> None:
+    """Compare a net case's diffs; explain any miss by float32 near-ties (see above)."""
+    from near_ties import explain
+
+    keys = [k for k in blobs.files if k.startswith(("diff/", "param_diff/"))]
+
+    def ours(key: str) -> np.ndarray:
+        kind, _, rest = key.partition("/")
+        if kind == "diff":
+            return net.blobs[rest].diff
+        layer, i = rest.rsplit("/", 1)
+        return net.params[layer][int(i)].diff
+
+    misses = [e for e in (_net_error(k, ours(k), blobs[k], rtol, atol) for k in keys) if e]
+    if not misses:
+        return
+    feed = {n: blobs[f"data/{n}"] for n in net.inputs}
+    topdiff = {b: blobs[f"topdiff/{b}"] for b in spec.get("topdiff", [])}
+    exact, flips = explain(net, feed, topdiff, {k: blobs[k] for k in keys})
+    for key in keys:
+        moved = sum((flip.effect[key] for flip in flips), np.zeros_like(exact[key]))
+        _net_close(f"{key} (float64, {len(flips)} near-tie(s) decided Caffe's way; "
+                   f"first misses: {misses[:3]})", exact[key] + moved, blobs[key],
+                   max(rtol, NET_BACKWARD_RTOL), atol)
+        ref = blobs[key].astype(np.float64)
+        err = np.linalg.norm(np.asarray(ours(key), np.float64).reshape(ref.shape) - ref)
+        assert err <= NET_BACKWARD_REL_L2 * max(np.linalg.norm(ref), 1e-30), \
+            f"{key}: float32 relative L2 error {err / np.linalg.norm(ref):.3g}"
 
 
 def replay(group: str, name: str, diverging: frozenset[str] = frozenset()):
@@ -109,5 +153,8 @@ def replay(group: str, name: str, diverging: frozenset[str] = frozenset()):
         for p in params:
             p.diff[...] = 0
     net.backward()
-    compare("diff", "param_diff", "diff")
+    if group == "nets":
+        _net_backward(net, spec, blobs, rtol, atol)
+    else:
+        compare("diff", "param_diff", "diff")
     return net
