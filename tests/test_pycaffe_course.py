@@ -856,8 +856,16 @@ def test_draw(tmp_path: Path, monkeypatch):
 
 
 # -- the object-detection practice -----------------------------------------------------------
-def test_detection_practice_trains_and_detects(tmp_path: Path, monkeypatch):
+@pytest.fixture
+def practice() -> None:
+    """The practice's folder on sys.path and ``import caffe`` meaning caffe2torch, as for a
+    user who runs its scripts with ``caffe2torch pyrun`` (whatever earlier tests did)."""
     sys.path.insert(0, str(PRACTICE))
+    caffe.install_caffe_alias()
+
+
+@pytest.mark.usefixtures("practice")
+def test_detection_practice_trains_and_detects(tmp_path: Path, monkeypatch):
     make_dataset = importlib.import_module("make_dataset")
     boxes = importlib.import_module("od_boxes")
     detect = importlib.import_module("detect")
@@ -894,8 +902,8 @@ class HostBlob:
         self.data, self.diff = np.zeros(shape), np.zeros(shape)
 
 
+@pytest.mark.usefixtures("practice")
 def test_unitbox_gradient_matches_finite_differences():
-    sys.path.insert(0, str(PRACTICE))
     loss_module = importlib.import_module("od_loss_layer")
     rng = np.random.RandomState(0)
     pred = rng.uniform(0.5, 3, size=(1, 4, 2, 3))
