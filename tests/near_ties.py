@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,8 +32,10 @@ from caffe2torch.layers.pooling import MAX, Pooling
 # fraction of the first, or a ReLU input is smaller than this fraction of its blob's
 # largest magnitude: a few float32 ulps of the deep forward's accumulated rounding.
 NEAR_TIE = 1e-6
-# How many of the best-ranked near-ties get their exact gradient change computed.
+# How many of the best-ranked near-ties get their exact gradient change computed, and the
+# least share of the squared residual one must be ranked to explain to be examined at all.
 EXAMINED = 16
+MEANINGFUL = 1e-2
 _H = 1e-10  # central-difference step, relative to the residual's largest element
 
 
@@ -115,9 +118,12 @@ def _delta(site: _Site, k: int) -> torch.Tensor:
 
 
 def explain(net, feed: dict[str, np.ndarray], topdiff: dict[str, np.ndarray],
-            caffe: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[Flip]]:
+            caffe: dict[str, np.ndarray],
+            enough: Callable[[dict[str, np.ndarray]], bool] = lambda grads: False
+            ) -> tuple[dict[str, np.ndarray], list[Flip]]:
     """Our float64 gradients of the keys of ``caffe`` (``diff/<blob>``,
-    ``param_diff/<layer>/<i>``) with the near-tie flips that best explain Caffe's."""
+    ``param_diff/<layer>/<i>``) with the near-tie flips that best explain Caffe's; none
+    are looked for when ``enough(gradients)`` says the float64 gradients already do."""
     module = copy.deepcopy(net.module).to(torch.float64)
     params = {s.name: module.layers[s.key].blobs for s in module.steps}
     record: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = []
@@ -165,7 +171,7 @@ def explain(net, feed: dict[str, np.ndarray], topdiff: dict[str, np.ndarray],
         sites = [(_pool_sites if isinstance(layer, Pooling) else _relu_sites)(layer, x, top)
                  for layer, x, top in base if top.grad is not None]
         sites = [s for s in sites if len(s.gap)]
-        if not sites:
+        if not sites or enough(ours):
             return ours, []
         # Rank every near-tie by <residual, its gradient change> = <J r, delta>, with J r the
         # change of the layer input when inputs and parameters move along the residual r.
@@ -194,8 +200,9 @@ def explain(net, feed: dict[str, np.ndarray], topdiff: dict[str, np.ndarray],
             ranked.extend((float(s), site, k) for k, s in enumerate(score))
         ranked.sort(key=lambda t: -t[0])
         flips = []
+        total = sum(float(np.vdot(r, r)) * weight[k] for k, r in residual.items())
         for score, site, k in ranked[:EXAMINED]:
-            if score <= 0:
+            if score < MEANINGFUL * total:
                 break
             live = {key: t for key, t in targets.items() if t.requires_grad}
             change = dict(zip(live, torch.autograd.grad(site.x, list(live.values()), _delta(site, k),
