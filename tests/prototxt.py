@@ -1,5 +1,9 @@
-"""Tiny prototxt builders shared by the layer tests."""
+"""Tiny prototxt builders, and a forward runner, shared by the layer tests."""
 from __future__ import annotations
+
+import numpy as np
+
+import caffe2torch as caffe
 
 
 def inputs(**shapes: tuple[int, ...]) -> str:
@@ -15,3 +19,13 @@ def layer(type_: str, bottoms: list[str], tops: list[str], extra: str = "", name
     return (f'layer {{ name: "{name}" type: "{type_}" '
             + " ".join(f'bottom: "{b}"' for b in bottoms) + " "
             + " ".join(f'top: "{t}"' for t in tops) + f" {extra} }}\n")
+
+
+def forward(net: caffe.Net, feed: dict[str, np.ndarray], top: str = "y") -> np.ndarray:
+    """Reshape and fill the inputs in ``feed``, run the net, return a copy of ``top``."""
+    for name, value in feed.items():
+        net.blobs[name].reshape(*value.shape)
+        net.blobs[name].data[...] = value
+    net.reshape()
+    net.forward()
+    return net.blobs[top].data.copy()

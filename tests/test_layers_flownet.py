@@ -25,7 +25,7 @@ from caffe2torch import NetError
 from caffe2torch.layers import LayerSpec, get_layer_class
 from caffe2torch.proto import caffe_pb2
 from conftest import shared_dir
-from prototxt import inputs, layer
+from prototxt import forward, inputs, layer
 
 RNG = np.random.default_rng(20240917)
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -46,15 +46,6 @@ def build(tmp_path: Path, type_: str, shapes: dict[str, tuple[int, ...]], params
     path.write_text('name: "t"\n' + inputs(**shapes) + layer(type_, list(shapes), ["y"], params,
                                                               name="y"))
     return caffe.Net(str(path), phase), path
-
-
-def forward(net: caffe.Net, feed: dict[str, np.ndarray], top: str = "y") -> np.ndarray:
-    for name, value in feed.items():
-        net.blobs[name].reshape(*value.shape)
-        net.blobs[name].data[...] = value
-    net.reshape()
-    net.forward()
-    return net.blobs[top].data.copy()
 
 
 def opencv(model: Path, feed: dict[str, np.ndarray], weights: Path | None = None) -> np.ndarray:

@@ -17,6 +17,7 @@ import caffe2torch as caffe
 from caffe2torch import NetError
 from caffe2torch.layers.fork_rcnn import _partial_quicksort
 from conftest import shared_dir
+from prototxt import forward
 
 RNG = np.random.default_rng(20240611)
 
@@ -31,15 +32,6 @@ def build(tmp_path: Path, body: str, inputs: dict[str, tuple[int, ...]],
     path = tmp_path / "net.prototxt"
     path.write_text('name: "t"\nforce_backward: true\n' + inputs_text(inputs) + body)
     return caffe.Net(str(path), phase), path
-
-
-def forward(net: caffe.Net, feed: dict[str, np.ndarray], top: str = "y") -> np.ndarray:
-    for name, value in feed.items():
-        net.blobs[name].reshape(*value.shape)
-        net.blobs[name].data[...] = value
-    net.reshape()
-    net.forward()
-    return net.blobs[top].data.copy()
 
 
 def backward(net: caffe.Net, topdiff: np.ndarray, top: str = "y") -> None:
