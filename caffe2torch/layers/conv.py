@@ -137,7 +137,7 @@ class _CaffeWeightGradConv(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.conf = conf
         ctx.bias_sizes = None if bias is None else list(bias.shape)
-        return torch.ops.aten.convolution(x, weight, bias, *conf)
+        return torch.convolution(x, weight, bias, *conf)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -207,6 +207,11 @@ class _ConvolutionBase(CaffeLayer):
         # ATen's im2col kernels loop over groups: for depthwise-like layers (one input
         # channel per group) they are an order of magnitude slower, so keep oneDNN there.
         self.precise_weight_grad = self.groups == 1 or in_ch // self.groups > 1
+        g = self.geometry
+        # aten::convolution's arguments after (input, weight, bias); 0 spatial axes run as 1-D.
+        self.conf = (list(g.stride) or [1], list(g.pad) or [0], list(g.dilation) or [1],
+                     self.transposed, [0] * max(len(g.kernel), 1), self.groups)
+        self._checked_shape: torch.Size | None = None  # the last bottom shape found valid
 
     def _check_bottom(self, x: torch.Tensor) -> None:
         g = self.geometry
@@ -218,36 +223,37 @@ class _ConvolutionBase(CaffeLayer):
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
         """Run the op on (batch, C, spatial...) with batch = every axis before the channel axis."""
-        self._check_bottom(x)
         g = self.geometry
-        self._check_output(tuple(x.shape[g.channel_axis + 1:]))
-        lead = x.shape[:g.channel_axis]
+        if x.shape != self._checked_shape:
+            self._check_bottom(x)
+            self._check_output(tuple(x.shape[g.channel_axis + 1:]))
+            self._checked_shape = x.shape
         y = x if g.channel_axis == 1 else x.reshape(-1, *x.shape[g.channel_axis:])
-        weight = self.blobs[0]
-        bias = self.blobs[1] if self.bias_term else None
+        blobs = self.blobs
+        weight = blobs[0]
+        bias = blobs[1] if self.bias_term else None
         flat = not g.kernel  # 0 spatial axes: a grouped matrix product, run as a 1-D conv
         if flat:
             y, weight = y.unsqueeze(-1), weight.unsqueeze(-1)
-        conf = (list(g.stride) or [1], list(g.pad) or [0], list(g.dilation) or [1],
-                self.transposed, [0] * max(len(g.kernel), 1), self.groups)
-        if (self.precise_weight_grad and _exact_weight_grads[0] and y.device.type == "cpu"
-                and torch.is_grad_enabled()
-                and not torch.jit.is_tracing()
+        if (torch.is_grad_enabled() and self.precise_weight_grad and _exact_weight_grads[0]
+                and y.device.type == "cpu" and not torch.jit.is_tracing()
                 and (weight.requires_grad or (bias is not None and bias.requires_grad))):
-            out = _CaffeWeightGradConv.apply(y, weight, bias, conf)
+            out = _CaffeWeightGradConv.apply(y, weight, bias, self.conf)
         else:
-            out = torch.ops.aten.convolution(y, weight, bias, *conf)
+            out = torch.convolution(y, weight, bias, *self.conf)
         if flat:
             out = out.squeeze(-1)
-        return out if g.channel_axis == 1 else out.reshape(*lead, *out.shape[1:])
+        return out if g.channel_axis == 1 else out.reshape(*x.shape[:g.channel_axis],
+                                                           *out.shape[1:])
 
     def _check_output(self, spatial: tuple[int, ...]) -> None:
         """Raise a NetError when the output for these spatial sizes would be empty."""
         raise NotImplementedError
 
     def forward(self, *bottoms: torch.Tensor):
-        outs = tuple(self._convolve(x) for x in bottoms)
-        return outs[0] if len(outs) == 1 else outs
+        if len(bottoms) == 1:
+            return self._convolve(bottoms[0])
+        return tuple(self._convolve(x) for x in bottoms)
 
 
 @register("Convolution", "CONVOLUTION")
