@@ -265,11 +265,13 @@ class _LayerClock:
 
     Forward: the time between consecutive layer outputs. Backward: autograd runs the layers'
     backward functions one after the other, so a layer's backward lasts from the moment the
-    gradient of its output is complete to the start of the next layer's backward.
+    gradient of its output is complete to the start of the next layer's backward. Every
+    layer runs on its own (no BatchNorm+Scale fusion), as in Caffe.
     """
 
     def __init__(self, net: Net, device: torch.device):
         self.net, self.device = net, device
+        net.module.fuse = False
         self.names = [step.name for step in net.module.steps]
         self.reset()
 

@@ -13,6 +13,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from . import fusion
 from .errors import NetError
 from .fillers import deferred, fill_
 from .graph import NetGraph
@@ -35,6 +36,10 @@ class Step:
     loss_weights: list[float]     # one per top; all zero for layers outside the loss
     propagate_down: list[bool]    # one per bottom
     is_input: bool
+
+    @property
+    def has_loss(self) -> bool:
+        return any(self.loss_weights)
 
 
 @dataclass
@@ -76,6 +81,10 @@ class CaffeNet(nn.Module):
     ``forward(*inputs, **named_inputs)`` feeds the net's Input blobs (positionally in
     the order of :attr:`input_names`) and returns its output blob, or a dict of
     outputs when there are several. :meth:`run` gives access to every blob.
+
+    ``fuse`` (default True) enables the fast paths of :mod:`caffe2torch.fusion`
+    (BatchNorm+Scale as one call, in-place ReLU and Eltwise SUM); set it False to run every
+    layer as written.
     """
 
     def __init__(self, graph: NetGraph, *, base_dir: str | Path | None = None,
@@ -125,6 +134,8 @@ class CaffeNet(nn.Module):
                 loss_weights=self._loss_weights(layer, tops), is_input=node.type == "Input",
                 propagate_down=self._propagate_down(layer, node.bottoms)))
         self._last_use = self._liveness()
+        self.fuse = fusion.ENABLED
+        self._fast = fusion.plan(self.steps, self.layers, self._last_use)
         if fill:
             self.fill_blobs()
 
@@ -252,44 +263,63 @@ class CaffeNet(nn.Module):
         ``keep_all`` false, blobs no later step reads are dropped as soon as possible.
         """
         env = dict(blobs)
-        last = len(self.steps) - 1 if end is None else end
+        steps, layers, last_use = self.steps, self.layers, self._last_use
+        last = len(steps) - 1 if end is None else end
         loss: torch.Tensor | None = None
+        fast = self._fast_paths(observer is not None, keep_all)
+        fused = -1  # the Scale step whose output the BatchNorm step before it computed
         for i in range(start, last + 1):
-            step = self.steps[i]
+            step = steps[i]
             if step.is_input:
                 missing = [t for t in step.tops if t not in env]
                 if missing:
                     raise NetError(f"input blob(s) {missing} not given; the net's inputs are "
                                    f"{self.input_names}", layer=step.name, layer_type="Input")
                 outs = tuple(env[t] for t in step.tops)
-            else:
-                args = []
-                for blob, down in zip(step.bottoms, step.propagate_down):
-                    try:
-                        value = env[blob]
-                    except KeyError:
-                        raise NetError(f"bottom blob '{blob}' has no value (was it produced "
-                                       f"before step {start}?)", layer=step.name,
-                                       layer_type=step.type) from None
-                    args.append(value if down else value.detach())
-                out = self.layers[step.key](*args)
+            elif i != fused:  # a fused Scale's output is already bound to its (in-place) top
+                try:
+                    args = [env[blob] for blob in step.bottoms]
+                except KeyError as exc:
+                    raise NetError(f"bottom blob '{exc.args[0]}' has no value (was it produced "
+                                   f"before step {start}?)", layer=step.name,
+                                   layer_type=step.type) from None
+                if False in step.propagate_down:
+                    args = [a if down else a.detach() for a, down in zip(args, step.propagate_down)]
+                layer = layers[step.key]
+                path = fast.get(i)
+                out = None if path is None else path.call(i, layer, args, steps, layers,
+                                                          start, last)
+                if out is None:
+                    out = layer(*args)
+                elif path.kind == fusion.BN_SCALE:
+                    fused = i + 1
                 outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
-                if not step.bottoms:  # data layers read on the CPU side
+                if not args:  # data layers read on the CPU side
                     where = self._device_marker.device
                     outs = tuple(o.to(where, non_blocking=True) for o in outs)
                 for blob, value in zip(step.tops, outs):
                     env[blob] = value
-            for value, weight in zip(outs, step.loss_weights):
-                if weight:
-                    term = value.sum() * weight
-                    loss = term if loss is None else loss + term
+            if step.has_loss:
+                for value, weight in zip(outs, step.loss_weights):
+                    if weight:
+                        term = value.sum() * weight
+                        loss = term if loss is None else loss + term
             if observer is not None:
                 observer(step, outs)
             if not keep_all:
                 for blob in step.bottoms:
-                    if self._last_use.get(blob, -1) <= i:
+                    if last_use.get(blob, -1) <= i:
                         env.pop(blob, None)
         return env, loss
+
+    def _fast_paths(self, observed: bool, keep_all: bool) -> dict[int, fusion.FastPath]:
+        """The fast paths (:mod:`caffe2torch.fusion`) a run of this kind may take."""
+        if not self.fuse:
+            return {}
+        if not (observed or keep_all):
+            return self._fast
+        grad = torch.is_grad_enabled()
+        return {i: p for i, p in self._fast.items() if p.allowed(observed, keep_all, grad)}
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor):
         if len(args) > len(self.input_names):

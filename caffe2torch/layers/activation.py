@@ -32,10 +32,12 @@ class ReLU(NeuronLayer):
         super().__init__(spec)
         self.negative_slope = float(spec.param.relu_param.negative_slope)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``inplace``: overwrite ``x`` (the compiler asks for it only where Caffe's ReLU is
+        in place and no other reader or saved-for-backward tensor can see the old values)."""
         if self.negative_slope == 0:
-            return F.relu(x)
-        return F.leaky_relu(x, self.negative_slope)
+            return F.relu(x, inplace)
+        return F.leaky_relu(x, self.negative_slope, inplace)
 
 
 @register("PReLU")

@@ -82,7 +82,9 @@ class Eltwise(CaffeLayer):
         self.coeffs = [float(c) for c in p.coeff] or [1.0] * n
         self.stable_prod_grad = p.stable_prod_grad
 
-    def forward(self, *bottoms: torch.Tensor) -> torch.Tensor:
+    def forward(self, *bottoms: torch.Tensor, into: int | None = None) -> torch.Tensor:
+        """``into`` (SUM with unit coefficients only): bottom 0 or 1, which the sum may
+        overwrite (the compiler passes it only where nothing else can see that bottom)."""
         shape = bottoms[0].shape
         for i, b in enumerate(bottoms[1:], 1):
             if b.shape != shape:
@@ -93,6 +95,11 @@ class Eltwise(CaffeLayer):
         if self.op == _OP.MAX:
             return _max(bottoms)
         # SUM: top = sum_i coeff_i * bottom_i, accumulated in bottom order like caffe_axpy
+        if into is not None:  # b0 + b1 == b1 + b0 exactly; then the same order
+            top = bottoms[into].add_(bottoms[1 - into])
+            for b in bottoms[2:]:
+                top.add_(b)
+            return top
         c0 = self.coeffs[0]
         top = bottoms[0] if c0 == 1.0 else bottoms[0] * c0
         for c, b in zip(self.coeffs[1:], bottoms[1:]):

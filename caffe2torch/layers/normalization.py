@@ -49,12 +49,23 @@ class BatchNorm(NeuronLayer):
                 raise self.error(f"param {i} holds batch statistics and cannot be learned: "
                                  f"expected lr_mult 0, got {specs[i].lr_mult:g}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean_sum, var_sum, factor = self.blobs
-        if self.use_global_stats:
+    def global_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and variance used with global statistics: the stored sums divided by
+        the factor (zeros when it is 0)."""
+        blobs = self.blobs
+        mean_sum, var_sum, factor = blobs[0], blobs[1], blobs[2]
+        if factor.is_cpu and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            # A host read of the factor instead of a tensor compare and select (fewer ops).
+            scale = torch.zeros_like(factor) if factor.item() == 0 else factor.reciprocal()
+        else:
             scale = torch.where(factor == 0, torch.zeros_like(factor), factor.reciprocal())
-            return F.batch_norm(x, mean_sum * scale, var_sum * scale, None, None, False, 0.0,
-                                self.eps)
+        return mean_sum * scale, var_sum * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_global_stats:
+            mean, var = self.global_stats()
+            return F.batch_norm(x, mean, var, None, None, False, 0.0, self.eps)
+        mean_sum, var_sum, factor = self.blobs
         channels = x.shape[1]
         if x.numel() == channels:
             # One value per channel: Caffe's x - mean is exactly 0 (and so is its
