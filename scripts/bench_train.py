@@ -14,10 +14,12 @@ hand-written eager PyTorch, measured on the same kind of 2-core machine): the ha
 time here times that ratio. Then the update alone: caffe2torch's SGD (foreach) against
 ``torch.optim.SGD(foreach=True)`` on LeNet's parameters.
 
-Timing: 2 threads, glibc's allocator pinned (GLIBC_TUNABLES, set by re-executing itself),
-caffe2torch and hand-written blocks interleaved, medians of --blocks blocks.
+Timing: --threads threads (2, as in anchors.md), glibc's allocator pinned (GLIBC_TUNABLES, set
+by re-executing itself), caffe2torch and hand-written blocks interleaved, medians of --blocks
+blocks; --clock cpu times the process's CPU time instead of the wall clock, for a loaded machine
+(with --threads 1).
 
-    python scripts/bench_train.py [--blocks 7] [--iters 20] [--gpu]
+    python scripts/bench_train.py [--blocks 7] [--iters 20] [--threads 2] [--clock wall] [--gpu]
 """
 from __future__ import annotations
 
@@ -169,7 +171,8 @@ def make_pair(name: str, folder: Path) -> tuple[Callable[[int], None], SGDSolver
     return hand_written, solver
 
 
-def interleaved(actions: list[Callable[[], object]], blocks: int) -> list[float]:
+def interleaved(actions: list[Callable[[], object]], blocks: int,
+                clock: Callable[[], float] = time.perf_counter) -> list[float]:
     """Median seconds of each action, run A B C A B C ... after one warm-up each."""
     sync = torch.cuda.synchronize if device().type == "cuda" else (lambda: None)
     for action in actions:
@@ -178,10 +181,10 @@ def interleaved(actions: list[Callable[[], object]], blocks: int) -> list[float]
     for _ in range(blocks):
         for action, out in zip(actions, times):
             sync()
-            start = time.perf_counter()
+            start = clock()
             action()
             sync()
-            out.append(time.perf_counter() - start)
+            out.append(clock() - start)
     return [statistics.median(t) for t in times]
 
 
@@ -223,11 +226,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--blocks", type=int, default=7, help="timed blocks per contender")
     parser.add_argument("--iters", type=int, default=20, help="iterations per block")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: perf_counter (anchors.md's measure); cpu: the process's CPU "
+                             "time, which other processes' load barely moves (use with "
+                             "--threads 1, where no thread spins waiting for another)")
     parser.add_argument("--gpu", action="store_true", help="train on CUDA (no Caffe estimate)")
     args = parser.parse_args()
     if args.gpu:
         set_mode_gpu()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     logging.getLogger("caffe2torch").setLevel(logging.WARNING)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,15 +245,16 @@ def main() -> None:
             times = interleaved([lambda: hand_loop(args.iters),
                                  timed_step(solver, args.iters, True),
                                  timed_step(solver, args.iters, False),
-                                 net_loop(solver, args.iters)], args.blocks)
+                                 net_loop(solver, args.iters)], args.blocks, clock)
             hand, ours, fast, bare = (1000 * t / args.iters for t in times)
             caffe = hand * CAFFE_OVER_EAGER[name] if device().type == "cpu" else float("nan")
             rows.append((name, hand, ours, fast, bare, caffe))
             if name == "lenet":
-                update = update_rows(solver, args.blocks)
+                update = update_rows(solver, args.blocks, clock)
 
-    print(f"device {device()}, threads 2, GLIBC_TUNABLES={TUNABLES}, medians of {args.blocks} "
-          f"interleaved blocks of {args.iters} iterations, torch {torch.__version__}")
+    print(f"device {device()}, threads {args.threads}, {args.clock} clock, "
+          f"GLIBC_TUNABLES={TUNABLES}, medians of {args.blocks} interleaved blocks of "
+          f"{args.iters} iterations, torch {torch.__version__}")
     print("ms per iteration. c2t: SGDSolver.step; ratio: over the hand-written loop. oneDNN: "
           "the conv layers' weight gradients\nfrom oneDNN instead of Caffe's image-by-image "
           "order (precise_weight_grad = False). net loop: the compiled net in a plain loop\n"
@@ -262,7 +272,8 @@ def main() -> None:
     print(f"  torch.optim.SGD(foreach=True)             {update[3]:8.1f}")
 
 
-def update_rows(solver: SGDSolver, blocks: int) -> tuple[int, float, float, float]:
+def update_rows(solver: SGDSolver, blocks: int, clock: Callable[[], float] = time.perf_counter
+                ) -> tuple[int, float, float, float]:
     """Microseconds per update: our optimizer, the solver's whole ApplyUpdate, torch's SGD."""
     params = [lp.param.detach().clone().requires_grad_(True)
               for lp in solver.net.module.learnable]
@@ -276,7 +287,7 @@ def update_rows(solver: SGDSolver, blocks: int) -> tuple[int, float, float, floa
     t_ours, t_torch, t_apply = interleaved(
         [lambda: [ours.step() for _ in range(steps)],
          lambda: [torch_sgd.step() for _ in range(steps)],
-         lambda: [solver.apply_update() for _ in range(steps)]], blocks)
+         lambda: [solver.apply_update() for _ in range(steps)]], blocks, clock)
     return len(params), 1e6 * t_ours / steps, 1e6 * t_apply / steps, 1e6 * t_torch / steps
 
 
