@@ -55,11 +55,11 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_timing import TUNABLES, add_timing_args, pin_allocator, timing_clock  # noqa: E402
 from caffe2torch.compiler import CaffeNet  # noqa: E402
 from caffe2torch.net import compile_net  # noqa: E402
 from caffe2torch.weights import copy_weights  # noqa: E402
 
-TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=8589934592"
 GOLDEN = Path("/work/shared/golden/nets")
 
 # anchors.md: (Caffe fwd, torch eager fwd, Caffe fwd+bwd, torch eager fwd+bwd), ms per batch.
@@ -410,33 +410,26 @@ def with_wgrad(net: CaffeNet, precise: bool, action: Callable[[], None]) -> Call
 
 
 def main() -> None:
-    if os.environ.get("GLIBC_TUNABLES") != TUNABLES:  # the allocator is fixed at process start
-        os.execve(sys.executable, [sys.executable, *sys.argv],
-                  {**os.environ, "GLIBC_TUNABLES": TUNABLES})
+    pin_allocator()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nets", default=",".join(NETS),
                         help=f"comma-separated, from {','.join(NETS)}")
     parser.add_argument("--iters", type=int, default=None,
                         help="iterations per timed block (default: per net, ~0.2-1 s a block)")
     parser.add_argument("--blocks", type=int, default=7, help="timed blocks per contender")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--quick", action="store_true",
                         help="5 blocks and half the iterations (at least 1)")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall: perf_counter (anchors.md's measure); cpu: the process's CPU "
-                             "time, which other processes' load barely moves (use with "
-                             "--threads 1, where no thread spins waiting for another)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--variants", action="store_true",
                         help="also time c2t fwd+bwd with oneDNN conv weight gradients")
+    add_timing_args(parser)
     args = parser.parse_args()
     names = [n.strip() for n in args.nets.split(",") if n.strip()]
     unknown = [n for n in names if n not in NETS]
     if unknown:
         parser.error(f"unknown nets {unknown}; choose from {list(NETS)}")
     blocks = 5 if args.quick else max(args.blocks, 1)
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
-    torch.set_num_threads(args.threads)
+    clock = timing_clock(args)
     logging.getLogger("caffe2torch").setLevel(logging.WARNING)
     logging.getLogger("torch.profiler").setLevel(logging.ERROR)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -39,11 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_timing import TUNABLES, add_timing_args, pin_allocator, timing_clock  # noqa: E402
 from caffe2torch.mode import device, set_mode_gpu  # noqa: E402
 from caffe2torch.solver import SGDSolver  # noqa: E402
 from caffe2torch.solvers import SGD  # noqa: E402
 
-TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=8589934592"
 
 # Caffe's `caffe train` time over hand-written eager PyTorch (anchors.md, "Training loop").
 CAFFE_OVER_EAGER = {"lenet": 24.1 / 12.2, "cifar10_quick": 174.8 / 45.1}
@@ -220,23 +219,16 @@ def net_loop(solver: SGDSolver, iters: int) -> Callable[[], None]:
 
 
 def main() -> None:
-    if os.environ.get("GLIBC_TUNABLES") != TUNABLES:  # the allocator is fixed at process start
-        os.execve(sys.executable, [sys.executable, *sys.argv],
-                  {**os.environ, "GLIBC_TUNABLES": TUNABLES})
+    pin_allocator()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--blocks", type=int, default=7, help="timed blocks per contender")
     parser.add_argument("--iters", type=int, default=20, help="iterations per block")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall: perf_counter (anchors.md's measure); cpu: the process's CPU "
-                             "time, which other processes' load barely moves (use with "
-                             "--threads 1, where no thread spins waiting for another)")
     parser.add_argument("--gpu", action="store_true", help="train on CUDA (no Caffe estimate)")
+    add_timing_args(parser)
     args = parser.parse_args()
     if args.gpu:
         set_mode_gpu()
-    torch.set_num_threads(args.threads)
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    clock = timing_clock(args)
     logging.getLogger("caffe2torch").setLevel(logging.WARNING)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
