@@ -333,7 +333,7 @@ class CaffeOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             for slot in self.history_slots:
                 if slot not in state:
-                    state[slot] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state[slot] = torch.zeros_like(p)
 
     def history(self) -> list[Tensor]:
         """History blobs in ``.solverstate`` order: slot-major, then param order over groups.
