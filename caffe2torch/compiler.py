@@ -13,12 +13,13 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import fusion
+from . import fusion, layout
 from .errors import NetError
 from .fillers import deferred, fill_
 from .graph import NetGraph
 from .layers import get_layer_class
 from .layers.base import CaffeLayer, LayerSpec, Shape
+from .layers.conv import _ConvolutionBase
 from .proto import caffe_pb2
 
 AUTOMATIC_TOP = "(automatic)"
@@ -138,6 +139,8 @@ class CaffeNet(nn.Module):
         self._fast = fusion.plan(self.steps, self.layers, self._last_use)
         if fill:
             self.fill_blobs()
+        self.channels_last = False
+        self.use_channels_last(layout.ENABLED)
 
     def fill_blobs(self, loaded: set[int] = frozenset()) -> None:
         """Draw every blob from its layer's filler, except those in ``loaded`` (by ``id``).
@@ -153,6 +156,14 @@ class CaffeNet(nn.Module):
                     done.add(id(blob))
             if isinstance(module, CaffeLayer):
                 module.pending_fills = []
+
+    def use_channels_last(self, enabled: bool = True) -> bool:
+        """Run the 2-D convolutions channels-last (:mod:`caffe2torch.layout`) or NCHW;
+        returns whether the net now has a convolution running channels-last."""
+        convolutions = [m for m in self.layers.values() if isinstance(m, _ConvolutionBase)]
+        layout.set_weight_layout(convolutions, enabled)
+        self.channels_last = enabled and any(map(layout.planar, convolutions))
+        return self.channels_last
 
     # -- construction helpers ---------------------------------------------------------
     def _top_shapes(self, layer: CaffeLayer, type_: str, bottom_shapes: list[Shape],

@@ -51,9 +51,16 @@ def _fan(shape: tuple[int, ...], variance_norm: int) -> float:
 
 @torch.no_grad()
 def fill_(tensor: torch.Tensor, filler: caffe_pb2.FillerParameter | None) -> torch.Tensor:
-    """Fill ``tensor`` in place the way Caffe's filler of that type would."""
+    """Fill ``tensor`` in place the way Caffe's filler of that type would.
+
+    Values are drawn in the tensor's logical (C) order whatever its memory layout, so a
+    channels-last weight gets the same values as a contiguous one.
+    """
     if filler is None:
         return tensor.zero_()
+    if not tensor.is_contiguous():
+        return tensor.copy_(fill_(torch.empty_like(tensor, memory_format=torch.contiguous_format),
+                                  filler))
     kind = filler.type
     shape = tuple(tensor.shape)
     if kind == "constant":
