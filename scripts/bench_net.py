@@ -36,12 +36,18 @@ caffe2torch over real Caffe is that ratio * t_hand / t_c2t.
     python scripts/bench_net.py [--nets lenet,resnet50] [--blocks 7] [--iters N]
                                 [--threads 2] [--clock wall] [--quick] [--no-memory] [--variants]
 
-``--variants`` adds diagnostic c2t variants to the fwd+bwd timing: the convolution weight
-gradients from oneDNN instead of the Caffe-order ATen path (``precise_weight_grad = False``).
+c2t runs its 2-D convolutions channels-last (caffe2torch.layout); the hand-written modules
+stay NCHW, the idiomatic eager form anchors.md timed.
+``--variants`` adds diagnostic contenders, each with its ratio over hand: c2t kept NCHW
+(``use_channels_last(False)``), the hand-written module channels-last
+(``.to(memory_format=torch.channels_last)``, NCHW input; with its peak memory) and, in
+forward+backward, c2t with the convolution weight gradients summed image by image in Caffe's
+order (``set_exact_weight_grads(True)``).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import statistics
@@ -55,7 +61,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_timing import TUNABLES, add_timing_args, pin_allocator, timing_clock  # noqa: E402
+from bench_timing import (TUNABLES, add_timing_args, exact_weight_grads,  # noqa: E402
+                          pin_allocator, timing_clock)
 from caffe2torch.compiler import CaffeNet  # noqa: E402
 from caffe2torch.net import compile_net  # noqa: E402
 from caffe2torch.weights import copy_weights  # noqa: E402
@@ -392,23 +399,6 @@ def peak_mb(action: Callable[[], None]) -> float:
     return peak / 2 ** 20
 
 
-def with_wgrad(net: CaffeNet, precise: bool, action: Callable[[], None]) -> Callable[[], None]:
-    """``action`` with the conv layers' weight gradients forced to the Caffe-order ATen path
-    (True) or oneDNN (False), restoring each layer's own choice afterwards."""
-    layers = [m for m in net.layers.values() if hasattr(m, "precise_weight_grad")]
-    defaults = [m.precise_weight_grad for m in layers]
-
-    def run() -> None:
-        for m in layers:
-            m.precise_weight_grad = precise
-        try:
-            action()
-        finally:
-            for m, default in zip(layers, defaults):
-                m.precise_weight_grad = default
-    return run
-
-
 def main() -> None:
     pin_allocator()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -421,7 +411,8 @@ def main() -> None:
                         help="5 blocks and half the iterations (at least 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--variants", action="store_true",
-                        help="also time c2t fwd+bwd with oneDNN conv weight gradients")
+                        help="also time c2t kept NCHW, the hand-written module "
+                             "channels-last, and c2t with Caffe-order conv weight gradients")
     add_timing_args(parser)
     args = parser.parse_args()
     names = [n.strip() for n in args.nets.split(",") if n.strip()]
@@ -443,14 +434,23 @@ def main() -> None:
         notes.append(f"{name}: outputs agree to {out_err:.1e}, first-layer weight grad to "
                      f"{grad_err:.1e} (relative L2); {iters} iterations per block")
         (c_fwd, c_fb), (h_fwd, h_fb) = step_fns(net, x, g), step_fns(model, x, g)
-        fwd_times = interleaved([c_fwd, h_fwd], blocks, iters, clock)
-        fb_actions = [c_fb, h_fb]
+        fwd_actions, fb_actions = [c_fwd, h_fwd], [c_fb, h_fb]
         if args.variants:
-            fb_actions.append(with_wgrad(net, False, c_fb))
+            nchw = copy.deepcopy(net)
+            nchw.use_channels_last(False)
+            n_fwd, n_fb = step_fns(nchw, x, g)
+            hand_nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+            l_fwd, l_fb = step_fns(hand_nhwc, x, g)
+            fwd_actions += [n_fwd, l_fwd]
+            fb_actions += [n_fb, l_fb, exact_weight_grads(c_fb)]
+        fwd_times = interleaved(fwd_actions, blocks, iters, clock)
         fb_times = interleaved(fb_actions, blocks, iters, clock)
         mem = [float("nan")] * 4
         if not args.no_memory:
             mem = [peak_mb(a) for a in (c_fwd, h_fwd, c_fb, h_fb)]
+            if args.variants:
+                notes.append(f"{name}: peak MB of the hand-written module channels-last: fwd "
+                             f"{peak_mb(l_fwd):.1f}, fwd+bwd {peak_mb(l_fb):.1f}")
         rows.append((name, fwd_times, fb_times, mem))
         zero_grads(net)
         zero_grads(model)
@@ -466,7 +466,10 @@ def main() -> None:
           f"(> 1: caffe2torch is faster than real Caffe; the anchors' ratios are for 2 threads).")
     for label, index in (("fwd (no_grad)", 1), ("fwd+bwd", 2)):
         print(f"\n{label}")
-        extra = "  c2t oneDNN-wgrad ratio" if index == 2 and args.variants else ""
+        extra = ""
+        if args.variants:
+            extra = ("   c2t NCHW  ratio  hand NHWC  ratio"
+                     + ("  exact wgrad  ratio" if index == 2 else ""))
         print(f"{'net':<13} {'batch':>5} {'c2t':>8} {'hand':>8} {'ratio':>6} {'pair ratios':>13} "
               f"{'spread c2t/hand':>16} {'peak MB c2t':>11} {'hand':>7} {'vs Caffe':>8}{extra}")
         for name, fwd_times, fb_times, mem in rows:
@@ -480,9 +483,9 @@ def main() -> None:
                     f"{min(pairs):>6.3f}-{max(pairs):<6.3f} "
                     f"{100 * spread(times[0]):>7.1f}%/{100 * spread(times[1]):>4.1f}% "
                     f"{mc:>11.1f} {mh:>7.1f} {caffe_ratio * h / c:>7.2f}x")
-            if index == 2 and args.variants:
-                v = 1000 * statistics.median(times[2])
-                line += f"  {v:>8.2f} {v / h:>6.3f}"
+            for variant in times[2:]:
+                v = 1000 * statistics.median(variant)
+                line += f"  {v:>9.2f} {v / h:>6.3f}"
             print(line)
     print()
     for note in notes:

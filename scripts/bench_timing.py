@@ -33,3 +33,17 @@ def timing_clock(args: argparse.Namespace) -> Callable[[], float]:
     """Apply ``--threads``; the clock ``--clock`` names."""
     torch.set_num_threads(args.threads)
     return time.perf_counter if args.clock == "wall" else time.process_time
+
+
+def exact_weight_grads(action: Callable[[], None]) -> Callable[[], None]:
+    """``action`` with the conv weight gradients summed image by image in Caffe's order
+    (``set_exact_weight_grads(True)``), oneDNN's default restored afterwards."""
+    from caffe2torch.layers.conv import set_exact_weight_grads
+
+    def run() -> None:
+        set_exact_weight_grads(True)
+        try:
+            action()
+        finally:
+            set_exact_weight_grads(False)
+    return run

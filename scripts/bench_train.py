@@ -7,6 +7,9 @@ For LeNet (batch 64) and CIFAR10-quick (batch 100), with one batch held in memor
 * hand-written: the same net as plain ``nn`` ops, the same weights, the same Caffe update
   (``caffe2torch.solvers.SGD`` with the same param groups), ``zero_grad; forward;
   loss.backward(); step`` plus ``loss.item()`` per iteration, as a training loop logs it.
+  NCHW, in eager mode: the idiomatic form anchors.md timed. caffe2torch runs its
+  convolutions channels-last (caffe2torch.layout); variants show it kept NCHW and with
+  Caffe-order conv weight gradients.
 
 The goal is caffe2torch <= 1.05x the hand-written time. Caffe's own time on this machine is
 estimated from /work/shared/perf/anchors.md ("Training loop": Caffe ``caffe train`` over
@@ -38,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_timing import TUNABLES, add_timing_args, pin_allocator, timing_clock  # noqa: E402
+from bench_timing import (TUNABLES, add_timing_args, exact_weight_grads,  # noqa: E402
+                          pin_allocator, timing_clock)
 from caffe2torch.mode import device, set_mode_gpu  # noqa: E402
 from caffe2torch.solver import SGDSolver  # noqa: E402
 from caffe2torch.solvers import SGD  # noqa: E402
@@ -133,17 +137,24 @@ NETS = {"lenet": (LENET, LeNet, (64, 1, 28, 28)),
         "cifar10_quick": (CIFAR10_QUICK, Cifar10Quick, (100, 3, 32, 32))}
 
 
-def make_pair(name: str, folder: Path) -> tuple[Callable[[int], None], SGDSolver]:
-    """The hand-written loop (``n`` iterations) and caffe2torch's solver on the same batch."""
+def make_pair(name: str, folder: Path
+              ) -> tuple[Callable[[int], None], SGDSolver, SGDSolver]:
+    """The hand-written loop (``n`` iterations), caffe2torch's solver on the same batch, and
+    a twin solver whose net is kept NCHW (``use_channels_last(False)``)."""
     prototxt, module_class, shape = NETS[name]
     (folder / f"{name}.prototxt").write_text(prototxt)
     (folder / f"{name}_solver.prototxt").write_text(SOLVER.format(net=folder / f"{name}.prototxt"))
-    solver = SGDSolver(folder / f"{name}_solver.prototxt")
     rng = np.random.default_rng(0)
     data = rng.random(shape, dtype=np.float32)
     label = rng.integers(0, 10, shape[0]).astype(np.float32)
-    solver.net.blobs["data"].data[...] = data
-    solver.net.blobs["label"].data[...] = label
+    solver, nchw = (SGDSolver(folder / f"{name}_solver.prototxt") for _ in range(2))
+    nchw.net.module.use_channels_last(False)
+    for twin in (solver, nchw):
+        twin.net.blobs["data"].data[...] = data
+        twin.net.blobs["label"].data[...] = label
+    for name_, blobs in solver.net.params.items():
+        for mine, theirs in zip(blobs, nchw.net.params[name_]):
+            theirs.data[...] = mine.data
 
     model = module_class().to(device())
     caffe_params = [blob for blobs in solver.net.params.values() for blob in blobs]
@@ -167,7 +178,7 @@ def make_pair(name: str, folder: Path) -> tuple[Callable[[int], None], SGDSolver
             loss.item()
             optimizer.step()
 
-    return hand_written, solver
+    return hand_written, solver, nchw
 
 
 def interleaved(actions: list[Callable[[], object]], blocks: int,
@@ -187,28 +198,17 @@ def interleaved(actions: list[Callable[[], object]], blocks: int,
     return [statistics.median(t) for t in times]
 
 
-def set_precise_conv(solver: SGDSolver, precise: bool) -> None:
-    """The conv layers' Caffe-order weight gradients (ATen im2col) or oneDNN's faster ones."""
-    for layer in solver.net.module.layers.values():
-        if hasattr(layer, "precise_weight_grad"):
-            layer.precise_weight_grad = precise
-
-
-def timed_step(solver: SGDSolver, iters: int, precise: bool) -> Callable[[], None]:
-    def run() -> None:
-        set_precise_conv(solver, precise)
-        solver.step(iters)
-    return run
+def timed_step(solver: SGDSolver, iters: int) -> Callable[[], None]:
+    return lambda: solver.step(iters)
 
 
 def net_loop(solver: SGDSolver, iters: int) -> Callable[[], None]:
-    """The compiled net in a plain loop with the solver's optimizer (oneDNN weight gradients):
-    what the solver driver costs on top of the net is ``step`` over this."""
+    """The compiled net in a plain loop with the solver's optimizer: what the solver driver
+    costs on top of the net is ``step`` over this."""
     module, optimizer = solver.net.module, solver.optimizer
     feed = {name: solver.net.blobs[name]._data for name in module.input_names}
 
     def run() -> None:
-        set_precise_conv(solver, False)
         for _ in range(iters):
             optimizer.zero_grad()
             _, loss = module.run(feed, keep_all=False)
@@ -233,31 +233,33 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in NETS:
-            hand_loop, solver = make_pair(name, Path(tmp))
+            hand_loop, solver, nchw = make_pair(name, Path(tmp))
             times = interleaved([lambda: hand_loop(args.iters),
-                                 timed_step(solver, args.iters, True),
-                                 timed_step(solver, args.iters, False),
+                                 timed_step(solver, args.iters),
+                                 timed_step(nchw, args.iters),
+                                 exact_weight_grads(timed_step(solver, args.iters)),
                                  net_loop(solver, args.iters)], args.blocks, clock)
-            hand, ours, fast, bare = (1000 * t / args.iters for t in times)
+            hand, *others = (1000 * t / args.iters for t in times)
             caffe = hand * CAFFE_OVER_EAGER[name] if device().type == "cpu" else float("nan")
-            rows.append((name, hand, ours, fast, bare, caffe))
+            rows.append((name, hand, *others, caffe))
             if name == "lenet":
                 update = update_rows(solver, args.blocks, clock)
 
     print(f"device {device()}, threads {args.threads}, {args.clock} clock, "
           f"GLIBC_TUNABLES={TUNABLES}, medians of {args.blocks} interleaved blocks of "
           f"{args.iters} iterations, torch {torch.__version__}")
-    print("ms per iteration. c2t: SGDSolver.step; ratio: over the hand-written loop. oneDNN: "
-          "the conv layers' weight gradients\nfrom oneDNN instead of Caffe's image-by-image "
-          "order (precise_weight_grad = False). net loop: the compiled net in a plain loop\n"
-          "(oneDNN), so driver = c2t oneDNN / net loop. Caffe est.: hand-written x the anchors' "
-          "Caffe/eager training ratio.")
-    print(f"{'net':<14} {'hand':>7} {'c2t':>7} {'ratio':>6} {'oneDNN':>7} {'ratio':>6} "
-          f"{'net loop':>8} {'driver':>6} {'Caffe est.':>10} {'c2t vs Caffe':>12}")
-    for name, hand, ours, fast, bare, caffe in rows:
-        print(f"{name:<14} {hand:>7.2f} {ours:>7.2f} {ours / hand:>6.3f} {fast:>7.2f} "
-              f"{fast / hand:>6.3f} {bare:>8.2f} {fast / bare:>6.3f} {caffe:>10.2f} "
-              f"{caffe / ours:>11.2f}x")
+    print("ms per iteration. c2t: SGDSolver.step, ratio: over the hand-written loop (NCHW). "
+          "NCHW: the net kept NCHW\n(use_channels_last(False)). exact: the conv weight gradients "
+          "summed image by image in Caffe's order\n(set_exact_weight_grads(True)). net loop: the "
+          "compiled net in a plain loop, so driver = c2t / net loop.\nCaffe est.: hand-written x "
+          "the anchors' Caffe/eager training ratio.")
+    print(f"{'net':<14} {'hand':>7} {'c2t':>7} {'ratio':>6} {'NCHW':>7} {'ratio':>6} "
+          f"{'exact':>7} {'ratio':>6} {'net loop':>8} {'driver':>6} {'Caffe est.':>10} "
+          f"{'c2t vs Caffe':>12}")
+    for name, hand, ours, nchw, exact, bare, caffe in rows:
+        print(f"{name:<14} {hand:>7.2f} {ours:>7.2f} {ours / hand:>6.3f} {nchw:>7.2f} "
+              f"{nchw / hand:>6.3f} {exact:>7.2f} {exact / hand:>6.3f} {bare:>8.2f} "
+              f"{ours / bare:>6.3f} {caffe:>10.2f} {caffe / ours:>11.2f}x")
     print(f"\nupdate alone on LeNet's {update[0]} param blobs (431k values), us per step:")
     print(f"  caffe2torch SGD (foreach, Caffe's math)   {update[1]:8.1f}")
     print(f"  solver.apply_update() (rate, clip, step)  {update[2]:8.1f}")
