@@ -13,6 +13,11 @@
   drops dead blobs (the module's forward), the sum is accumulated into bottom 0 or 1 when
   that bottom is such a new tensor and no other step reads it, before or after.
 
+* Shared Split tops: in such a run a Split returns its bottom itself as every top instead of
+  one view per top, so autograd adds the tops' gradients into one buffer in place (views
+  share storage, which forces a new tensor per sum). No in-place path ever writes a Split
+  top: a Split does not make new tensors.
+
 An observer (the pycaffe view, the solvers) sees every top and keeps the first tensor bound to
 a name for its diff, so with one the BatchNorm must be in place too, and ReLUs run in place
 only without autograd. A fast path is skipped when a layer involved has hooks.
@@ -31,6 +36,7 @@ from torch import nn
 from .layers.activation import ReLU
 from .layers.conv import Convolution, Deconvolution
 from .layers.eltwise import Eltwise
+from .layers.input import Split
 from .layers.inner_product import InnerProduct
 from .layers.normalization import BatchNorm
 from .layers.pooling import Pooling
@@ -42,14 +48,14 @@ ENABLED = os.environ.get("CAFFE2TORCH_FUSE", "1") != "0"
 # Layers that return new tensors and do not save them for their backward.
 _FRESH = (Convolution, Deconvolution, InnerProduct, BatchNorm, Scale, Bias, Pooling)
 
-BN_SCALE, RELU, SUM = "BatchNorm+Scale", "in-place ReLU", "in-place SUM"
+BN_SCALE, RELU, SUM, SPLIT = "BatchNorm+Scale", "in-place ReLU", "in-place SUM", "shared Split"
 
 
 @dataclass(frozen=True)
 class FastPath:
-    """How step ``i`` of a plan may run: ``other`` is the Scale step (BN_SCALE) or the step
-    that wrote the bottom to overwrite; ``into`` that bottom (SUM); ``in_place``: the
-    BatchNorm's top is its bottom (BN_SCALE)."""
+    """How step ``i`` of a plan may run: ``other`` is the Scale step (BN_SCALE), the step
+    that wrote the bottom to overwrite (RELU, SUM) or ``i`` itself (SPLIT); ``into`` that
+    bottom (SUM); ``in_place``: the BatchNorm's top is its bottom (BN_SCALE)."""
 
     kind: str
     other: int
@@ -62,7 +68,7 @@ class FastPath:
             return self.in_place or not observed
         if self.kind == RELU:
             return not (observed and grad)
-        return not (observed or keep_all)
+        return not (observed or keep_all)  # SUM, SPLIT
 
     def call(self, i: int, layer: nn.Module, args: list[torch.Tensor], steps: Sequence,
              layers: Mapping[str, nn.Module], start: int, last: int) -> torch.Tensor | None:
@@ -70,6 +76,8 @@ class FastPath:
         other = layers[steps[self.other].key]
         if hooked(layer) or hooked(other):
             return None
+        if self.kind == SPLIT:
+            return (args[0],) * layer.num_tops
         if self.kind == BN_SCALE:
             if i < last and layer.use_global_stats:
                 return batch_norm_scale(layer, other, args[0])
@@ -115,6 +123,8 @@ def plan(steps: Sequence, layers: Mapping[str, nn.Module],
             if (layer.negative_slope >= 0 and step.tops == step.bottoms
                     and all(step.propagate_down) and writers[i][0] is not None):
                 found[i] = FastPath(RELU, writers[i][0])
+        elif isinstance(layer, Split):
+            found[i] = FastPath(SPLIT, i)
         elif isinstance(layer, Eltwise):
             if (layer.op == caffe_pb2.EltwiseParameter.SUM and all(step.propagate_down)
                     and all(c == 1.0 for c in layer.coeffs)):

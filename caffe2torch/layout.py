@@ -1,7 +1,7 @@
 """Channels-last (NHWC) memory for the 2-D convolutions of a net: same values, faster kernels.
 
 oneDNN's CPU convolutions and torch's max pooling run much faster on NHWC tensors than on
-NCHW ones (LeNet training step 0.7x, CIFAR10-quick 0.8x the time of a hand-written NCHW
+NCHW ones (LeNet training step 0.7x, CIFAR10-quick 0.75x the time of a hand-written NCHW
 module; see README, Speed). A tensor's memory layout never changes its values or shape, so
 Caffe's semantics, blob names, shapes and ``net.blobs[...].data`` are unchanged; only the
 strides differ (a blob's numpy array may not be C-contiguous).

@@ -257,6 +257,10 @@ def test_sum_into_a_bottom_nothing_else_reads(tmp_path):
     names = [s.name for s in fast.module.steps]
     into = {names[i]: p.into for i, p in fast.module._fast.items() if p.kind == fusion.SUM}
     assert into == {"s1": 0, "s2": 1, "s4": 0}
+    # data and s1 feed several layers: their Splits hand out the bottom itself (the module
+    # run) so autograd sums the gradients in place; the pycaffe view keeps one view per top
+    splits = {names[i] for i, p in fast.module._fast.items() if p.kind == fusion.SPLIT}
+    assert splits == {n for n in names if n.endswith("_split")} and len(splits) == 2
     x = torch.randn(2, 4, 5, 5)
     kept = x.clone()
     grads = []

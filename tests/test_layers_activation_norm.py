@@ -265,6 +265,7 @@ def test_lrn_across_backward_is_the_exact_derivative():
     layer("BatchNorm"), layer("LRN"), layer("LRN", "lrn_param { norm_region: WITHIN_CHANNEL }"),
     layer("MVN"), layer("Scale", "scale_param { bias_term: true }"), layer("Swish"),
 ])
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
 def test_layers_trace(tmp_path, body):
     """Each module traces with torch.jit.trace and the trace reproduces the forward."""
     module = make_net(tmp_path, body).module.layers["l"]

@@ -351,6 +351,7 @@ def test_inner_product_rejects_a_different_input_size(tmp_path):
         run(net, {"data": np.zeros((2, 4, 6), np.float32)})
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
 def test_conv_pool_ip_net_traces(tmp_path):
     """The layers run under torch.jit.trace and the traced module gives the same numbers."""
     layers = ('layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '

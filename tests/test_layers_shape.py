@@ -328,6 +328,7 @@ def test_softmax_negative_axis(tmp_path):
     np.testing.assert_allclose(net.blobs["y"].data, e / e.sum(1, keepdims=True), rtol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
 def test_shape_layers_trace(tmp_path):
     """The routing layers trace with torch.jit.trace and replay the same numbers."""
     body = (inputs(a=(2, 6, 4), b=(2, 6, 4))

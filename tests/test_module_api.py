@@ -34,6 +34,7 @@ def test_state_dict_round_trip_and_autograd(lenet):
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
 def test_jit_trace_matches_eager(lenet):
     x = _input(lenet)
     traced = torch.jit.trace(lenet, (x,), strict=False)
@@ -46,6 +47,7 @@ def test_torch_compile_matches_eager(lenet):
     torch.testing.assert_close(compiled(x), lenet(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
 def test_onnx_export_runs_in_onnxruntime(lenet):
     x = _input(lenet)
     buffer = io.BytesIO()

@@ -117,7 +117,7 @@ def set_exact_weight_grads(exact: bool) -> None:
 
     ``False`` (the default): oneDNN's blocked reduction, within about 6e-6 of the
     float64 gradient relative to its largest element, well inside the golden cases'
-    tolerances; ``True``: image by image, in Caffe's order (about 4e-7), but 1.3x to 4x
+    tolerances; ``True``: image by image, in Caffe's order (about 4e-7), but 1.1x to 4x
     slower training on small conv nets with ATen's single-threaded loop (README, Speed).
     GPU convolutions are unaffected.
     """
