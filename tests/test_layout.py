@@ -119,3 +119,37 @@ def test_fillers_draw_the_same_values_in_either_layout(kind):
     nhwc = fill_(torch.empty(4, 3, 2, 2).contiguous(memory_format=torch.channels_last), filler)
     assert nhwc.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(nhwc, plain, rtol=0, atol=0)
+
+
+def test_python_layer_sees_c_contiguous_blobs(tmp_path):
+    """Caffe's blobs are always C-contiguous; a Python layer after an NHWC convolution gets
+    C-contiguous bottom data and top diff, as user code (e.g. C extensions) may assume."""
+    (tmp_path / "contiguity_probe.py").write_text(
+        "import caffe\n"
+        "seen = []\n"
+        "class Probe(caffe.Layer):\n"
+        "    def setup(self, bottom, top): pass\n"
+        "    def reshape(self, bottom, top): top[0].reshape(*bottom[0].data.shape)\n"
+        "    def forward(self, bottom, top):\n"
+        "        seen.append(bottom[0].data.flags['C_CONTIGUOUS'])\n"
+        "        top[0].data[...] = 2 * bottom[0].data\n"
+        "    def backward(self, top, propagate_down, bottom):\n"
+        "        seen.append(top[0].diff.flags['C_CONTIGUOUS'])\n"
+        "        bottom[0].diff[...] = 2 * top[0].diff\n")
+    path = tmp_path / "net.prototxt"
+    path.write_text("force_backward: true\n" + inputs(data=(2, 3, 6, 6))
+                    + layer("Convolution", ["data"], ["c"], CONV.format(n=4, extra=""),
+                            name="conv")
+                    + layer("Python", ["c"], ["p"], 'python_param { module: "contiguity_probe" '
+                            'layer: "Probe" }', name="probe")
+                    + layer("ReLU", ["p"], ["p"], name="relu"))
+    net = caffe.Net(str(path), caffe.TRAIN)
+    assert net.module.channels_last
+    x = np.random.default_rng(4).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    net.forward(data=x)
+    net.blobs["p"].diff[...] = 1.0
+    net.backward()
+    import contiguity_probe
+    assert contiguity_probe.seen == [True, True]
+    np.testing.assert_allclose(net.blobs["p"].data, np.maximum(2 * net.blobs["c"].data, 0),
+                               rtol=1e-6)
