@@ -9,8 +9,8 @@ strides differ (a blob's numpy array may not be C-contiguous).
 Every 2-D Convolution/Deconvolution (channel axis 1) stores its weight channels-last, so
 torch's convolution computes in NHWC and returns an NHWC top; the layers after it keep that
 layout. Measured with ``scripts/bench_net.py`` this is faster on all six benchmark nets,
-depthwise MobileNet included. ``CaffeNet.use_channels_last(False)``, or ``CAFFE2TORCH_CHANNELS_LAST=0`` in the
-environment before import, keeps every tensor NCHW.
+depthwise MobileNet included. ``CaffeNet.use_channels_last(False)``, or
+``CAFFE2TORCH_CHANNELS_LAST=0`` in the environment before import, keeps every tensor NCHW.
 """
 from __future__ import annotations
 
@@ -55,9 +55,9 @@ def set_weight_layout(convolutions: Iterable[nn.Module], nhwc: bool) -> None:
     Only the parameter's storage moves (``param.data``), so optimizers, sharing and
     ``state_dict`` keep the same objects; a shared weight is converted once.
     """
-    fmt = torch.channels_last if nhwc else torch.contiguous_format
     for layer in convolutions:
         layer.channels_last = nhwc and planar(layer)
+        fmt = torch.channels_last if layer.channels_last else torch.contiguous_format
         weight = layer.blobs[0]
         if isinstance(weight, nn.Parameter) and weight.dim() == 4 and \
                 not weight.is_contiguous(memory_format=fmt):
