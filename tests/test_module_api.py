@@ -12,6 +12,11 @@ import torch
 import caffe2torch
 from conftest import shared_dir
 
+# torch's own modules call the deprecated torch.jit.script_method while torch.compile and the
+# ONNX exporter load; nothing in caffe2torch does.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
 
 @pytest.fixture(scope="module")
 def lenet() -> caffe2torch.CaffeNet:
