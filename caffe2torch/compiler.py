@@ -139,7 +139,6 @@ class CaffeNet(nn.Module):
         self._fast = fusion.plan(self.steps, self.layers, self._last_use)
         if fill:
             self.fill_blobs()
-        self.channels_last = False
         self.use_channels_last(layout.ENABLED)
 
     def fill_blobs(self, loaded: set[int] = frozenset()) -> None:
@@ -162,7 +161,7 @@ class CaffeNet(nn.Module):
         returns whether the net now has a convolution running channels-last."""
         convolutions = [m for m in self.layers.values() if isinstance(m, _ConvolutionBase)]
         layout.set_weight_layout(convolutions, enabled)
-        self.channels_last = enabled and any(map(layout.planar, convolutions))
+        self.channels_last = any(m.channels_last for m in convolutions)
         return self.channels_last
 
     # -- construction helpers ---------------------------------------------------------

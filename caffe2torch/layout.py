@@ -43,7 +43,7 @@ def to_nhwc(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def planar(layer: nn.Module) -> bool:
+def _planar(layer: nn.Module) -> bool:
     """Whether a (De)Convolution layer is 2-D with its channels on axis 1 (NHWC applies)."""
     return layer.geometry.channel_axis == 1 and len(layer.geometry.kernel) == 2
 
@@ -56,7 +56,7 @@ def set_weight_layout(convolutions: Iterable[nn.Module], nhwc: bool) -> None:
     ``state_dict`` keep the same objects; a shared weight is converted once.
     """
     for layer in convolutions:
-        layer.channels_last = nhwc and planar(layer)
+        layer.channels_last = nhwc and _planar(layer)
         fmt = torch.channels_last if layer.channels_last else torch.contiguous_format
         weight = layer.blobs[0]
         if isinstance(weight, nn.Parameter) and weight.dim() == 4 and \

@@ -241,7 +241,7 @@ class _ConvolutionBase(CaffeLayer):
         flat = not g.kernel  # 0 spatial axes: a grouped matrix product, run as a 1-D conv
         if flat:
             y, weight = y.unsqueeze(-1), weight.unsqueeze(-1)
-        if (torch.is_grad_enabled() and self.precise_weight_grad and _exact_weight_grads[0]
+        if (_exact_weight_grads[0] and torch.is_grad_enabled() and self.precise_weight_grad
                 and y.device.type == "cpu" and not torch.jit.is_tracing()
                 and (weight.requires_grad or (bias is not None and bias.requires_grad))):
             out = _CaffeWeightGradConv.apply(y, weight, bias, self.conf)

@@ -142,17 +142,6 @@ class Yolov3DetectionOutput(CaffeLayer):
         """Reshape's placeholder before any detection exists: one row."""
         return [(1, 1, 1, 7)]
 
-    def _activations(self, raw: np.ndarray, t: int, side: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sigmoids of every channel and the box widths/heights of scale ``t`` (float32)."""
-        sig = (1.0 / (1.0 + np.exp(-raw))).astype(F32)
-        anchors = np.asarray(self.mask[t * self.mask_step:t * self.mask_step + self.num_box])
-        size = float(side * self.anchors_scale[t])
-        bw = (np.exp(raw[:, :, 2]) * self.biases[2 * anchors][None, :, None] / size).astype(F32)
-        bh = (np.exp(raw[:, :, 3]) * self.biases[2 * anchors + 1][None, :, None] / size) \
-            .astype(F32)
-        return sig, bw, bh
-
     def _decode(self, t: int, x: torch.Tensor, found: _Candidates) -> None:
         n, c, height, side = x.shape
         length = 5 + self.num_classes
@@ -161,8 +150,14 @@ class Yolov3DetectionOutput(CaffeLayer):
                              f"shape {list(x.shape)}")
         raw = x.detach().to("cpu", torch.float64).numpy()[:, :self.num_box * length]
         raw = raw.reshape(n, self.num_box, length, side * side)
+        anchors = np.asarray(self.mask[t * self.mask_step:t * self.mask_step + self.num_box])
+        size = float(side * self.anchors_scale[t])
         with np.errstate(over="ignore"):  # exp overflows to inf: sigmoid 0, box size inf
-            sig, bw, bh = self._activations(raw, t, side)
+            sig = _sigmoid(raw)
+            bw = (np.exp(raw[:, :, 2]) * self.biases[2 * anchors][None, :, None] / size) \
+                .astype(F32)
+            bh = (np.exp(raw[:, :, 3]) * self.biases[2 * anchors + 1][None, :, None] / size) \
+                .astype(F32)
         cell = np.arange(side * side)
         col, row = (cell % side).astype(F32), (cell // side).astype(F32)
         side32 = F32(side)
@@ -233,17 +228,6 @@ class YoloDetectionOutput(CaffeLayer):
     def infer_shapes(self, bottom_shapes: list[Shape]) -> list[Shape]:
         """Reshape's placeholder before any detection exists: one row."""
         return [(1, 1, 1, 7)]
-
-    def _activations(self, raw: np.ndarray, t: int, side: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sigmoids of every channel and the box widths/heights of scale ``t`` (float32)."""
-        sig = (1.0 / (1.0 + np.exp(-raw))).astype(F32)
-        anchors = np.asarray(self.mask[t * self.mask_step:t * self.mask_step + self.num_box])
-        size = float(side * self.anchors_scale[t])
-        bw = (np.exp(raw[:, :, 2]) * self.biases[2 * anchors][None, :, None] / size).astype(F32)
-        bh = (np.exp(raw[:, :, 3]) * self.biases[2 * anchors + 1][None, :, None] / size) \
-            .astype(F32)
-        return sig, bw, bh
 
     def _decode(self, t: int, x: torch.Tensor, found: _Candidates) -> None:
         self._check(t, tuple(x.shape))

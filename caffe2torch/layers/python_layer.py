@@ -32,6 +32,13 @@ from .base import CaffeLayer, LayerSpec, Shape
 from .registry import register
 
 
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A C-contiguous float32 host copy, as Caffe's blobs always are, whatever layout the net
+    computed ``tensor`` in (channels-last convolutions), for user code that relies on it."""
+    return tensor.detach().to("cpu", torch.float32, copy=True,
+                              memory_format=torch.contiguous_format)
+
+
 class BlobVec(Sequence[ParamBlob]):
     """pycaffe's ``Layer.blobs``: the layer's parameter blobs, a list with ``add_blob``."""
 
@@ -178,14 +185,9 @@ class PythonLayer(CaffeLayer):
         return self.host_forward(bottoms)
 
     def host_forward(self, bottoms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """Caffe's ``Layer::Forward``: copy the bottoms to host, reshape, forward.
-
-        The copies are C-contiguous, as Caffe's blobs always are, whatever the layout the net
-        computed them in (channels-last convolutions), for user code that relies on it.
-        """
+        """Caffe's ``Layer::Forward``: copy the bottoms to host, reshape, forward."""
         for blob, tensor in zip(self._bottoms, bottoms):
-            blob._set(tensor.detach().to("cpu", torch.float32, copy=True,
-                                         memory_format=torch.contiguous_format))
+            blob._set(_host_copy(tensor))
         self._call(self.python.reshape, self._bottoms, self._tops)
         self._call(self.python.forward, self._bottoms, self._tops)
         where = bottoms[0].device if bottoms else torch.device("cpu")
@@ -203,9 +205,7 @@ class PythonLayer(CaffeLayer):
             if id(blob) not in aliased:
                 blob._diff = torch.zeros(blob.shape)
         for blob, grad in zip(self._tops, grads):
-            diff = grad.detach().to("cpu", torch.float32, copy=True,
-                                    memory_format=torch.contiguous_format)
-            blob._diff = diff.reshape(blob.shape)
+            blob._diff = _host_copy(grad).reshape(blob.shape)
         holders = [view.grad_holder for view in self.python.blobs]
         saved = [holder.grad for holder in holders]
         for holder in holders:
