@@ -291,6 +291,50 @@ def test_convolution_weight_gradient_precision(tmp_path, exact, bound):
     assert error < bound
 
 
+@pytest.mark.parametrize("geometry,num_output", [
+    ("kernel_h: 3 kernel_w: 2 stride: 2 pad: 1 dilation: 2", 48),  # 2x4 outputs: 16 rows
+    ("kernel_size: 1", 96),  # 6x7 outputs: 84 rows, the patches are the bottom itself
+])
+def test_convolution_patch_gemm_weight_gradient(tmp_path, monkeypatch, cpu_mode, geometry,
+                                                num_output):
+    """A channels-last convolution whose patch matrix has no more rows than it has filters
+    gets its weight and bias gradients from one GEMM (_patch_gemm), stride, padding and
+    dilation included; all three gradients match the float64 ones within 1e-5."""
+    from caffe2torch.layers import conv
+
+    calls = []
+
+    def counted(*args):
+        calls.append(tuple(args[1].shape))
+        return gemm(*args)
+
+    gemm = conv._patch_gemm
+    monkeypatch.setattr(conv, "_patch_gemm", counted)
+    layer = (f'layer {{ name: "conv" type: "Convolution" bottom: "data" top: "conv" '
+             f'convolution_param {{ num_output: {num_output} {geometry} '
+             f'weight_filler {{ type: "gaussian" std: 0.1 }} '
+             f'bias_filler {{ type: "gaussian" std: 0.1 }} }} }}\n')
+    net = make_net(tmp_path, layer, {"data": (2, 5, 6, 7)})
+    net.module.use_channels_last(True)  # the default, unless CAFFE2TORCH_CHANNELS_LAST=0
+    rng = np.random.RandomState(12)
+    x = rng.randn(2, 5, 6, 7).astype(np.float32)
+    top_diff = rng.randn(*net.blobs["conv"].data.shape).astype(np.float32)
+    run(net, {"data": x}, {"conv": top_diff})
+    assert calls == [(2, 5, 6, 7)]
+    weight, bias = (torch.from_numpy(p.data).double().requires_grad_(True)
+                    for p in net.params["conv"])
+    data = torch.from_numpy(x).double().requires_grad_(True)
+    layer_module = net.module.layers["conv"]
+    stride, pad, dilation = layer_module.conf[:3]
+    out = torch.nn.functional.conv2d(data, weight, bias, stride, pad, dilation)
+    out.backward(torch.from_numpy(top_diff).double())
+    for got, expected in ((net.params["conv"][0].diff, weight.grad),
+                          (net.params["conv"][1].diff, bias.grad),
+                          (net.blobs["data"].diff, data.grad)):
+        expected = expected.numpy()
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
 def test_im2col_one_dimensional_with_dilation(tmp_path):
     """im2col_nd_cpu: row c*k + j, column o holds x[c, o*stride + j*dilation - pad] (0 outside)."""
     layer = ('layer { name: "cols" type: "Im2col" bottom: "data" top: "cols" '

@@ -124,21 +124,63 @@ def set_exact_weight_grads(exact: bool) -> None:
     _exact_weight_grads[0] = bool(exact)
 
 
-class _CaffeWeightGradConv(torch.autograd.Function):
-    """A CPU convolution whose weight and bias gradients are summed image by image.
+def _image_by_image(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                    bias_sizes: list[int] | None, conf: tuple, need_w: bool, need_b: bool
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Weight and bias gradients summed one image at a time, in Caffe's order.
 
     Caffe accumulates ``weight_diff += top_diff_n x col(bottom_n)^T`` one image at a
     time (BaseConvolutionLayer::weight_cpu_gemm); ATen's im2col kernels do the same,
     while oneDNN's blocked reduction over the batch is several times less precise (about
-    1.5e-6 against 3e-7 relative on 3x3 layers). The forward and the bottom gradient
-    keep the fast default kernels, whose error is at Caffe's level.
+    1.5e-6 against 3e-7 relative on 3x3 layers).
     """
+    with _without_mkldnn():
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, x, weight, bias_sizes, *conf, [False, need_w, need_b])
+    return grad_w, grad_b
+
+
+def _patch_gemm(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                bias_sizes: list[int] | None, conf: tuple, need_w: bool, need_b: bool
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Weight and bias gradients of a 2-D, one-group convolution as one matrix product
+    written straight into the channels-last weight's layout.
+
+    With P the input's patches as rows, (N*Ho*Wo, kh*kw*C), the weight gradient is
+    ``top_diff^T @ P``, (O, kh*kw*C): the memory order of an (O, C, kh, kw) channels-last
+    weight. oneDNN's channels-last backward instead fills a buffer of its own and copies
+    it into the weight's layout, so each weight gradient is briefly alive twice.
+    """
+    stride, pad, dilation = conf[:3]
+    out_ch, channels, kh, kw = weight.shape
+    rows = grad.permute(0, 2, 3, 1).reshape(-1, out_ch)  # a view when grad is NHWC
+    grad_w = grad_b = None
+    if need_w:
+        if any(pad):
+            x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
+        nhwc = x.permute(0, 2, 3, 1)
+        sn, sh, sw, sc = nhwc.stride()
+        patches = nhwc.as_strided(
+            (x.shape[0], grad.shape[2], grad.shape[3], kh, kw, channels),
+            (sn, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1], sc),
+            nhwc.storage_offset()).reshape(-1, kh * kw * channels)
+        grad_w = torch.mm(rows.t(), patches).view(out_ch, kh, kw, channels).permute(0, 3, 1, 2)
+    if need_b:
+        grad_b = rows.sum(0).view(bias_sizes)
+    return grad_w, grad_b
+
+
+class _WeightGradConv(torch.autograd.Function):
+    """A convolution whose weight and bias gradients come from ``method``
+    (``_image_by_image`` or ``_patch_gemm``); the forward and the bottom gradient keep
+    torch's default kernels."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                conf: tuple) -> torch.Tensor:
+                conf: tuple, method) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.conf = conf
+        ctx.method = method
         ctx.bias_sizes = None if bias is None else list(bias.shape)
         return torch.convolution(x, weight, bias, *conf)
 
@@ -151,10 +193,9 @@ class _CaffeWeightGradConv(torch.autograd.Function):
             grad_x = torch.ops.aten.convolution_backward(
                 grad, x, weight, None, *ctx.conf, [True, False, False])[0]
         if need_w or need_b:
-            with _without_mkldnn():
-                _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                    grad, x, weight, ctx.bias_sizes, *ctx.conf, [False, need_w, need_b])
-        return grad_x, grad_w, grad_b, None
+            grad_w, grad_b = ctx.method(grad, x, weight, ctx.bias_sizes, ctx.conf,
+                                        need_w, need_b)
+        return grad_x, grad_w, grad_b, None, None
 
 
 class _ConvolutionBase(CaffeLayer):
@@ -241,16 +282,36 @@ class _ConvolutionBase(CaffeLayer):
         flat = not g.kernel  # 0 spatial axes: a grouped matrix product, run as a 1-D conv
         if flat:
             y, weight = y.unsqueeze(-1), weight.unsqueeze(-1)
-        if (_exact_weight_grads[0] and torch.is_grad_enabled() and self.precise_weight_grad
-                and y.device.type == "cpu" and not torch.jit.is_tracing()
-                and (weight.requires_grad or (bias is not None and bias.requires_grad))):
-            out = _CaffeWeightGradConv.apply(y, weight, bias, self.conf)
-        else:
+        method = self._weight_grad_method(y, weight, bias)
+        if method is None:
             out = torch.convolution(y, weight, bias, *self.conf)
+        else:
+            out = _WeightGradConv.apply(y, weight, bias, self.conf, method)
         if flat:
             out = out.squeeze(-1)
         return out if g.channel_axis == 1 else out.reshape(*x.shape[:g.channel_axis],
                                                            *out.shape[1:])
+
+    def _weight_grad_method(self, y: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None):
+        """How this CPU call's weight gradient is computed if not by torch's default kernel.
+
+        ``_image_by_image`` under ``set_exact_weight_grads(True)``; ``_patch_gemm`` for a
+        channels-last, one-group convolution whose patch matrix (N*Ho*Wo rows) has no more
+        rows than the weight has filters: it then takes less memory than the copy it saves
+        (the late layers of ResNet-50 and MobileNet, where a training step peaks) and
+        measures as fast or faster (scripts/bench_net.py).
+        """
+        if (y.device.type != "cpu" or not torch.is_grad_enabled() or torch.jit.is_tracing()
+                or not (weight.requires_grad or (bias is not None and bias.requires_grad))):
+            return None
+        if _exact_weight_grads[0]:
+            return _image_by_image if self.precise_weight_grad else None
+        if self.channels_last and self.groups == 1 and not self.transposed:
+            out = self.geometry.conv_out(self, y.shape[2:])
+            if y.shape[0] * out[0] * out[1] <= self.num_output:
+                return _patch_gemm
+        return None
 
     def _check_output(self, spatial: tuple[int, ...]) -> None:
         """Raise a NetError when the output for these spatial sizes would be empty."""
