@@ -139,7 +139,7 @@ class CaffeNet(nn.Module):
         self._fast = fusion.plan(self.steps, self.layers, self._last_use)
         if fill:
             self.fill_blobs()
-        self.use_channels_last(layout.ENABLED)
+        self.use_channels_last(None if layout.ENABLED else False)
 
     def fill_blobs(self, loaded: set[int] = frozenset()) -> None:
         """Draw every blob from its layer's filler, except those in ``loaded`` (by ``id``).
@@ -156,13 +156,29 @@ class CaffeNet(nn.Module):
             if isinstance(module, CaffeLayer):
                 module.pending_fills = []
 
-    def use_channels_last(self, enabled: bool = True) -> bool:
+    def use_channels_last(self, enabled: bool | None = True) -> bool:
         """Run the 2-D convolutions channels-last (:mod:`caffe2torch.layout`) or NCHW;
-        returns whether the net now has a convolution running channels-last."""
+        returns whether the net now has a convolution running channels-last.
+
+        ``None``, a new net's setting unless CAFFE2TORCH_CHANNELS_LAST=0, means
+        channels-last while the net is on the CPU and NCHW on other devices (on CUDA,
+        NCHW measured faster: README, Speed), decided again whenever the net moves;
+        True or False holds on any device.
+        """
+        self._layout_choice = enabled
+        nhwc = self._device_marker.device.type == "cpu" if enabled is None else enabled
         convolutions = [m for m in self.layers.values() if isinstance(m, _ConvolutionBase)]
-        layout.set_weight_layout(convolutions, enabled)
+        layout.set_weight_layout(convolutions, nhwc)
         self.channels_last = any(m.channels_last for m in convolutions)
         return self.channels_last
+
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (behind ``.to()``, ``.cuda()``, ...), then the layout of a
+        net that follows its device."""
+        super()._apply(fn, recurse)
+        if self._layout_choice is None:
+            self.use_channels_last(None)
+        return self
 
     # -- construction helpers ---------------------------------------------------------
     def _top_shapes(self, layer: CaffeLayer, type_: str, bottom_shapes: list[Shape],

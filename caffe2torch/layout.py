@@ -6,11 +6,13 @@ module; see README, Speed). A tensor's memory layout never changes its values or
 Caffe's semantics, blob names, shapes and ``net.blobs[...].data`` are unchanged; only the
 strides differ (a blob's numpy array may not be C-contiguous).
 
-Every 2-D Convolution/Deconvolution (channel axis 1) stores its weight channels-last, so
-torch's convolution computes in NHWC and returns an NHWC top; the layers after it keep that
-layout. Measured with ``scripts/bench_net.py`` this is faster on all six benchmark nets,
-depthwise MobileNet included. ``CaffeNet.use_channels_last(False)``, or
-``CAFFE2TORCH_CHANNELS_LAST=0`` in the environment before import, keeps every tensor NCHW.
+On the CPU, every 2-D Convolution/Deconvolution (channel axis 1) stores its weight
+channels-last, so torch's convolution computes in NHWC and returns an NHWC top; the layers
+after it keep that layout. Measured with ``scripts/bench_net.py`` this is faster on all six
+benchmark nets, depthwise MobileNet included; on CUDA (float32 cuDNN) NCHW was faster, so a
+net moved there goes back to NCHW. ``CaffeNet.use_channels_last(True/False)`` forces one
+layout on any device; ``CAFFE2TORCH_CHANNELS_LAST=0`` in the environment before import
+keeps every tensor NCHW.
 """
 from __future__ import annotations
 

@@ -222,6 +222,40 @@ def test_batchnorm_statistics_accumulate_caffes_way(tmp_path):
         np.testing.assert_allclose(params[2], [factor], rtol=1e-6)
 
 
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batchnorm_global_stats_follow_every_blob_write(tmp_path, device):
+    """With global statistics the mean and variance are the sums over the factor (0 when
+    it is 0), however the blobs change between calls: loaded, written in place or
+    replaced (on a GPU they are kept between calls until one of them changes)."""
+    path = tmp_path / "net.prototxt"
+    path.write_text(data_layer("data", 2, 3, 4) + layer("BatchNorm", "batch_norm_param { "
+                                                       "use_global_stats: true eps: 0.01 }"))
+    module = caffe.load(str(path)).to(device)
+    mean_sum, var_sum, factor = module.layers["l"].blobs
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(3)).to(device)
+
+    def expected() -> torch.Tensor:
+        scale = 0.0 if factor.item() == 0 else 1.0 / factor.item()
+        mean, var = mean_sum * scale, var_sum * scale
+        return (x - mean[:, None]) / torch.sqrt(var[:, None] + 0.01)
+
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), expected())
+        mean_sum.copy_(torch.tensor([1.0, -2.0, 3.0]))
+        var_sum.copy_(torch.tensor([4.0, 0.5, 2.0]))
+        factor.fill_(2.0)
+        torch.testing.assert_close(module(x), expected())
+        mean_sum.mul_(3)
+        torch.testing.assert_close(module(x), expected())
+        factor.data = torch.full((1,), 0.5, device=device)
+        torch.testing.assert_close(module(x), expected())
+        factor.zero_()
+        torch.testing.assert_close(module(x), expected())
+
+
 def test_batchnorm_one_value_per_channel(tmp_path):
     """m = 1: Caffe's x - mean is exactly 0 (top and gradient 0) and the correction
     factor m/(m-1) becomes 1, so the variance sum gains 0, not NaN."""
@@ -266,7 +300,7 @@ def test_lrn_across_backward_is_the_exact_derivative():
     layer("MVN"), layer("Scale", "scale_param { bias_term: true }"), layer("Swish"),
 ])
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
-def test_layers_trace(tmp_path, body):
+def test_layers_trace(tmp_path, cpu_mode, body):
     """Each module traces with torch.jit.trace and the trace reproduces the forward."""
     module = make_net(tmp_path, body).module.layers["l"]
     x = torch.rand(2, 3, 4, 5) + 0.5

@@ -2,6 +2,8 @@
 views, net surgery and saved weights of the NCHW net."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -36,7 +38,8 @@ def make_twins(tmp_path, channels: int = 1, group: int = 1):
     path = tmp_path / "net.prototxt"
     path.write_text(conv_net(channels, group))
     nhwc, nchw = caffe.Net(str(path), caffe.TRAIN), caffe.Net(str(path), caffe.TRAIN)
-    assert nhwc.module.channels_last and not nchw.module.use_channels_last(False)
+    # Forced, so that the twins differ on any device (the default is NCHW off the CPU).
+    assert nhwc.module.use_channels_last(True) and not nchw.module.use_channels_last(False)
     for name, blobs in nhwc.params.items():
         for mine, theirs in zip(blobs, nchw.params[name]):
             theirs.data[...] = mine.data
@@ -44,6 +47,22 @@ def make_twins(tmp_path, channels: int = 1, group: int = 1):
     feed = {"data": rng.standard_normal((3, channels, 8, 8)).astype(np.float32),
             "label": np.array([0, 3, 4], np.float32)}
     return nhwc, nchw, feed
+
+
+def test_default_layout_follows_the_device(tmp_path):
+    """A new net is channels-last on the CPU and NCHW once moved elsewhere (the meta device
+    stands in for CUDA here); a forced layout holds on every device."""
+    path = tmp_path / "net.prototxt"
+    path.write_text(conv_net(1, 1))
+    module = caffe.load(str(path), phase="train")
+    assert module.channels_last
+    moved = copy.deepcopy(module).to("meta")
+    weight = moved.layers["conv2"].blobs[0]
+    assert not moved.channels_last and weight.is_contiguous()
+    module.use_channels_last(True)
+    forced = copy.deepcopy(module).to("meta")
+    assert forced.channels_last
+    assert forced.layers["conv2"].blobs[0].is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.fixture
@@ -86,7 +105,7 @@ def test_surgery_and_saved_weights_keep_logical_order(twins, tmp_path):
     nhwc, nchw, feed = twins
     new = np.arange(4 * 4 * 9, dtype=np.float32).reshape(4, 4, 3, 3) / 100
     nhwc.params["conv2"][0].data[...] = new
-    np.testing.assert_array_equal(nhwc.module.layers["conv2"].blobs[0].detach().numpy(), new)
+    np.testing.assert_array_equal(nhwc.module.layers["conv2"].blobs[0].detach().cpu().numpy(), new)
     nhwc.save(str(tmp_path / "w.caffemodel"))
     nchw.copy_from(str(tmp_path / "w.caffemodel"))
     for name, blobs in nhwc.params.items():
@@ -144,7 +163,7 @@ def test_python_layer_sees_c_contiguous_blobs(tmp_path):
                             'layer: "Probe" }', name="probe")
                     + layer("ReLU", ["p"], ["p"], name="relu"))
     net = caffe.Net(str(path), caffe.TRAIN)
-    assert net.module.channels_last
+    assert net.module.use_channels_last(True)  # forced: the default is NCHW off the CPU
     x = np.random.default_rng(4).standard_normal((2, 3, 6, 6)).astype(np.float32)
     net.forward(data=x)
     net.blobs["p"].diff[...] = 1.0

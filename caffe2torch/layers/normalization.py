@@ -38,6 +38,8 @@ class BatchNorm(NeuronLayer):
         for blob_shape in ((shape[1],), (shape[1],), (1,)):
             self.add_blob(blob_shape, None, learnable=False)
         self._freeze_statistics()
+        self._stats_key: tuple | None = None  # the blobs' versions behind _stats (GPU only)
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _freeze_statistics(self) -> None:
         """BatchNormLayer::LayerSetUp: add ``lr_mult: 0`` specs, refuse learned statistics."""
@@ -54,12 +56,23 @@ class BatchNorm(NeuronLayer):
         the factor (zeros when it is 0)."""
         blobs = self.blobs
         mean_sum, var_sum, factor = blobs[0], blobs[1], blobs[2]
-        if factor.is_cpu and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            scale = torch.where(factor == 0, 0.0, factor.reciprocal())
+            return mean_sum * scale, var_sum * scale
+        if factor.is_cpu:
             # A host read of the factor instead of a tensor compare and select (fewer ops).
             scale = torch.zeros_like(factor) if factor.item() == 0 else factor.reciprocal()
-        else:
-            scale = torch.where(factor == 0, torch.zeros_like(factor), factor.reciprocal())
-        return mean_sum * scale, var_sum * scale
+            return mean_sum * scale, var_sum * scale
+        # On a GPU each op is a kernel launch, which dominates small batches: keep the
+        # result until a blob changes (every write to a device tensor bumps its version;
+        # on the CPU, numpy views of the blobs can write without one).
+        key = tuple((t.data_ptr(), t._version) for t in (mean_sum, var_sum, factor))
+        if self._stats_key != key:
+            with torch.no_grad():
+                scale = torch.where(factor == 0, 0.0, factor.reciprocal())
+                self._stats = (mean_sum * scale, var_sum * scale)
+            self._stats_key = key
+        return self._stats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_global_stats:
