@@ -1,9 +1,10 @@
 """Inference and training-step speed of compiled nets against hand-written PyTorch, and Caffe.
 
 For LeNet (batch 64), CIFAR10-quick (100), AlexNet (8), GoogLeNet (8), ResNet-50 (4) and
-MobileNet v1 (8) -- the batches of /work/shared/perf/anchors.md -- this times
+MobileNet v1 (8) -- the batches of <shared>/perf/anchors.md, <shared> being
+$CAFFE2TORCH_SHARED or else ../shared beside the repository -- this times
 
-* c2t: the golden prototxt (/work/shared/golden/nets/<name>/net.prototxt, TEST phase, batch
+* c2t: the golden prototxt (<shared>/golden/nets/<name>/net.prototxt, TEST phase, batch
   resized) compiled by caffe2torch, called as the ``nn.Module`` that ``caffe2torch.load`` gives;
 * hand: the same net written idiomatically in plain ``nn`` ops (below): torchvision style,
   in-place ReLU, BatchNorm+Scale as one ``BatchNorm2d(affine=True)``, LRN by
@@ -36,11 +37,17 @@ caffe2torch over real Caffe is that ratio * t_hand / t_c2t.
 
     python scripts/bench_net.py [--nets lenet,resnet50] [--blocks 7] [--iters N]
                                 [--threads 2] [--clock wall] [--quick] [--no-memory] [--variants]
+                                [--device cpu|cuda] [--batch N]
 
-c2t runs its 2-D convolutions channels-last (caffe2torch.layout); the hand-written modules
-stay NCHW, the idiomatic eager form anchors.md timed.
-``--variants`` adds diagnostic contenders, each with its ratio over hand: c2t kept NCHW
-(``use_channels_last(False)``), the hand-written module channels-last
+On the CPU c2t runs its 2-D convolutions channels-last (caffe2torch.layout); the
+hand-written modules stay NCHW, the idiomatic eager form anchors.md timed.
+``--device cuda`` times both on the GPU instead, where c2t's default layout is NCHW (each
+timed block ends with a synchronize; peak memory from torch.cuda's allocator statistics,
+same definition; the Caffe column, whose anchors are CPU times, is left out).
+``--batch`` replaces every net's batch (the Caffe column then assumes the anchors' ratio).
+``--variants`` adds diagnostic contenders, each with its ratio over hand: c2t in the other
+layout (NCHW on the CPU, channels-last on CUDA: ``use_channels_last(False/True)``), the
+hand-written module channels-last
 (``.to(memory_format=torch.channels_last)``, NCHW input; with its peak memory) and, in
 forward+backward, c2t with the convolution weight gradients summed image by image in Caffe's
 order (``set_exact_weight_grads(True)``).
@@ -68,7 +75,8 @@ from caffe2torch.compiler import CaffeNet  # noqa: E402
 from caffe2torch.net import compile_net  # noqa: E402
 from caffe2torch.weights import copy_weights  # noqa: E402
 
-GOLDEN = Path("/work/shared/golden/nets")
+GOLDEN = Path(os.environ.get("CAFFE2TORCH_SHARED", Path(__file__).resolve().parents[2] / "shared"),
+              "golden", "nets")
 
 # anchors.md: (Caffe fwd, torch eager fwd, Caffe fwd+bwd, torch eager fwd+bwd), ms per batch.
 ANCHORS = {"lenet": (7.5, 5.3, 19.5, 14.7), "cifar10_quick": (56.9, 27.9, 162.8, 65.9),
@@ -293,9 +301,11 @@ def copy_to_hand(net: CaffeNet, model: nn.Module) -> None:
             module.bias.copy_(blobs[1])
 
 
-def build(name: str) -> tuple[CaffeNet, nn.Module, torch.Tensor, torch.Tensor]:
+def build(name: str, batch: int | None = None
+          ) -> tuple[CaffeNet, nn.Module, torch.Tensor, torch.Tensor]:
     """The compiled net, the hand-written one with the same weights, an input and a top diff."""
     cls, shape, _ = NETS[name]
+    shape = shape if batch is None else (batch, *shape[1:])
     folder = GOLDEN / name
     net = compile_net(folder / "net.prototxt", "test", input_shapes={net_input(folder): shape})
     if (folder / "weights.caffemodel").exists():
@@ -386,14 +396,23 @@ def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.median(values)
 
 
-def peak_mb(action: Callable[[], None], calls: int = 5) -> float:
-    """Peak MB of CPU memory allocated during one call, from the profiler's allocator records:
-    the median over ``calls`` calls (a backward's peak moves by up to 10% from call to call
-    with the order in which the threads allocate and free)."""
+def peak_mb(action: Callable[[], None], calls: int = 5, cuda: bool = False) -> float:
+    """Peak MB of memory allocated during one call, from the profiler's allocator records
+    (CPU) or torch.cuda's statistics: the median over ``calls`` calls (a CPU backward's
+    peak moves by up to 10% from call to call with the order in which the threads
+    allocate and free)."""
     from torch.profiler import ProfilerActivity, profile
     action()
     peaks = []
     for _ in range(calls):
+        if cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            action()
+            torch.cuda.synchronize()
+            peaks.append((torch.cuda.max_memory_allocated() - base) / 2 ** 20)
+            continue
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             action()
         records = sorted((e.start_ns(), e.nbytes())
@@ -418,16 +437,29 @@ def main() -> None:
                         help="5 blocks and half the iterations (at least 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--variants", action="store_true",
-                        help="also time c2t kept NCHW, the hand-written module "
+                        help="also time c2t in the other layout, the hand-written module "
                              "channels-last, and c2t with Caffe-order conv weight gradients")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size for every net (default: anchors.md's, per net)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where both nets run (cuda: the first GPU)")
     add_timing_args(parser)
     args = parser.parse_args()
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
     names = [n.strip() for n in args.nets.split(",") if n.strip()]
     unknown = [n for n in names if n not in NETS]
     if unknown:
         parser.error(f"unknown nets {unknown}; choose from {list(NETS)}")
     blocks = 5 if args.quick else max(args.blocks, 1)
     clock = timing_clock(args)
+    if cuda:
+        host_clock = clock
+
+        def clock() -> float:  # a block's time includes its queued kernels
+            torch.cuda.synchronize()
+            return host_clock()
     logging.getLogger("caffe2torch").setLevel(logging.WARNING)
     logging.getLogger("torch.profiler").setLevel(logging.ERROR)
 
@@ -436,47 +468,49 @@ def main() -> None:
         iters = args.iters or NETS[name][2]
         if args.quick:
             iters = max(1, iters // 2)
-        net, model, x, g = build(name)
+        net, model, x, g = (t.to(args.device) for t in build(name, args.batch))
         out_err, grad_err = check_agree(name, net, model, x, g)
         notes.append(f"{name}: outputs agree to {out_err:.1e}, first-layer weight grad to "
                      f"{grad_err:.1e} (relative L2); {iters} iterations per block")
         (c_fwd, c_fb), (h_fwd, h_fb) = step_fns(net, x, g), step_fns(model, x, g)
         fwd_actions, fb_actions = [c_fwd, h_fwd], [c_fb, h_fb]
         if args.variants:
-            nchw = copy.deepcopy(net)
-            nchw.use_channels_last(False)
-            n_fwd, n_fb = step_fns(nchw, x, g)
+            other = copy.deepcopy(net)
+            other.use_channels_last(cuda)
+            n_fwd, n_fb = step_fns(other, x, g)
             hand_nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
             l_fwd, l_fb = step_fns(hand_nhwc, x, g)
             fwd_actions += [n_fwd, l_fwd]
-            fb_actions += [n_fb, l_fb, exact_weight_grads(c_fb)]
+            fb_actions += [n_fb, l_fb] + ([] if cuda else [exact_weight_grads(c_fb)])
         fwd_times = interleaved(fwd_actions, blocks, iters, clock)
         fb_times = interleaved(fb_actions, blocks, iters, clock)
         mem = [float("nan")] * 4
         if not args.no_memory:
-            mem = [peak_mb(a) for a in (c_fwd, h_fwd, c_fb, h_fb)]
+            mem = [peak_mb(a, cuda=cuda) for a in (c_fwd, h_fwd, c_fb, h_fb)]
             if args.variants:
                 notes.append(f"{name}: peak MB of the hand-written module channels-last: fwd "
-                             f"{peak_mb(l_fwd):.1f}, fwd+bwd {peak_mb(l_fb):.1f}")
+                             f"{peak_mb(l_fwd, cuda=cuda):.1f}, "
+                             f"fwd+bwd {peak_mb(l_fb, cuda=cuda):.1f}")
         rows.append((name, fwd_times, fb_times, mem))
         zero_grads(net)
         zero_grads(model)
         print(f"... {name} done", file=sys.stderr, flush=True)
 
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, "
+    where = torch.cuda.get_device_name() if cuda else "CPU"
+    print(f"torch {torch.__version__} on {where}, {args.threads} threads, {args.clock} clock, "
           f"GLIBC_TUNABLES={TUNABLES}; load average now {load} on {os.cpu_count()} CPUs;\n"
           f"medians of {blocks} interleaved blocks; ms per batch; ratio = c2t / hand "
           f"(goal <= 1.03);\nspread = (max-min)/median per series, and [min-max] of the "
-          f"per-block-pair ratios; peak MB = CPU allocations live at once during one call "
-          f"(torch profiler);\nvs Caffe = anchors' Caffe/eager ratio x hand / c2t "
+          f"per-block-pair ratios; peak MB = {args.device} allocations live at once during one "
+          f"call;\nvs Caffe = anchors' Caffe/eager ratio x hand / c2t "
           f"(> 1: caffe2torch is faster than real Caffe; the anchors' ratios are for 2 threads).")
     for label, index in (("fwd (no_grad)", 1), ("fwd+bwd", 2)):
         print(f"\n{label}")
         extra = ""
         if args.variants:
-            extra = ("   c2t NCHW  ratio  hand NHWC  ratio"
-                     + ("  exact wgrad  ratio" if index == 2 else ""))
+            extra = (f"   c2t {'NHWC' if cuda else 'NCHW'}  ratio  hand NHWC  ratio"
+                     + ("  exact wgrad  ratio" if index == 2 and not cuda else ""))
         print(f"{'net':<13} {'batch':>5} {'c2t':>8} {'hand':>8} {'ratio':>6} {'pair ratios':>13} "
               f"{'spread c2t/hand':>16} {'peak MB c2t':>11} {'hand':>7} {'vs Caffe':>8}{extra}")
         for name, fwd_times, fb_times, mem in rows:
@@ -486,10 +520,11 @@ def main() -> None:
             anchor = ANCHORS[name]
             caffe_ratio = anchor[0] / anchor[1] if index == 1 else anchor[2] / anchor[3]
             mc, mh = mem[:2] if index == 1 else mem[2:]
-            line = (f"{name:<13} {NETS[name][1][0]:>5} {c:>8.2f} {h:>8.2f} {c / h:>6.3f} "
+            line = (f"{name:<13} {args.batch or NETS[name][1][0]:>5} {c:>8.2f} {h:>8.2f} {c / h:>6.3f} "
                     f"{min(pairs):>6.3f}-{max(pairs):<6.3f} "
                     f"{100 * spread(times[0]):>7.1f}%/{100 * spread(times[1]):>4.1f}% "
-                    f"{mc:>11.1f} {mh:>7.1f} {caffe_ratio * h / c:>7.2f}x")
+                    f"{mc:>11.1f} {mh:>7.1f} "
+                    + ("     n/a" if cuda else f"{caffe_ratio * h / c:>7.2f}x"))
             for variant in times[2:]:
                 v = 1000 * statistics.median(variant)
                 line += f"  {v:>9.2f} {v / h:>6.3f}"
