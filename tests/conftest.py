@@ -32,6 +32,25 @@ def shared_path(*parts: str) -> Path:
     return shared_dir().joinpath(*parts)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """``CAFFE2TORCH_TEST_DEVICE=cuda`` builds the pycaffe nets of the run in GPU mode
+    (``caffe.set_mode_gpu()``) to replay the golden cases and run the device-aware tests
+    on a GPU (README, Testing); tests using the ``cpu_mode`` fixture stay on the CPU."""
+    if os.environ.get("CAFFE2TORCH_TEST_DEVICE", "cpu") == "cuda":
+        import caffe2torch
+
+        caffe2torch.set_mode_gpu()
+
+
+@pytest.fixture
+def cpu_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pycaffe nets built in the test live on the CPU even in a GPU-mode run: for tests
+    that feed host tensors to ``net.module`` or check CPU-only code paths."""
+    from caffe2torch import mode
+
+    monkeypatch.setitem(mode._state, "gpu", False)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Fixture form of shared_dir()."""

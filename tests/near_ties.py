@@ -124,7 +124,7 @@ def explain(net, feed: dict[str, np.ndarray], topdiff: dict[str, np.ndarray],
     """Our float64 gradients of the keys of ``caffe`` (``diff/<blob>``,
     ``param_diff/<layer>/<i>``) with the near-tie flips that best explain Caffe's; none
     are looked for when ``enough(gradients)`` says the float64 gradients already do."""
-    module = copy.deepcopy(net.module).to(torch.float64)
+    module = copy.deepcopy(net.module).to("cpu", torch.float64)  # a float64 reference, on the host
     params = {s.name: module.layers[s.key].blobs for s in module.steps}
     record: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = []
 

@@ -16,6 +16,8 @@ CONV = ('convolution_param { num_output: 4 kernel_size: 3 pad: 1 '
         'weight_filler { type: "gaussian" } }')
 IP = 'inner_product_param { num_output: 3 weight_filler { type: "gaussian" } }'
 
+pytestmark = pytest.mark.usefixtures("cpu_mode")  # feeds host tensors to net.module
+
 
 def bn_scale_net(bn_top: str, scale_top: str, bn_extra: str = "") -> str:
     """conv -> BatchNorm -> Scale(bias) -> in-place ReLU -> InnerProduct, with the chosen tops."""

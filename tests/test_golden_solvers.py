@@ -126,7 +126,7 @@ def test_solver_trajectory(name: str, tmp_path: Path, monkeypatch: pytest.Monkey
     keys = sorted((k for k in t.files if k.startswith("history/")), key=lambda k: int(k[8:]))
     assert len(history) == len(keys), f"{len(history)} history blobs, Caffe {len(keys)}"
     for key, blob in zip(keys, history):
-        close(key, blob.numpy(), t[key], case.rtol / TIGHTEN, case.atol / TIGHTEN)
+        close(key, blob.cpu().numpy(), t[key], case.rtol / TIGHTEN, case.atol / TIGHTEN)
 
 
 def cases_with(file: str) -> list[str]:

@@ -126,7 +126,7 @@ def test_snapshot_restore_round_trip_is_exact(problem: Path, fmt: str) -> None:
     for a, b in zip(weights(first), weights(resumed)):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(first.optimizer.history(), resumed.optimizer.history()):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(a.cpu().numpy(), b.cpu().numpy())
     solved = AdamSolver("solver.prototxt")
     solved.solve(resume=state)                         # solve(resume) goes on to max_iter
     assert solved.iter == 20 and Path(f"snap_iter_20.caffemodel{suffix}").is_file()
@@ -165,7 +165,7 @@ def test_param_changes_count_from_the_next_update(problem: Path, kind: str, fiel
     for a, b in zip(weights(changed), weights(resumed)):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(changed.optimizer.history(), resumed.optimizer.history()):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(a.cpu().numpy(), b.cpu().numpy())
     assert any(not np.array_equal(a, b) for a, b in zip(weights(changed), weights(reference)))
 
 
