@@ -204,6 +204,8 @@ class Pooling(_PoolingChecks):
             self._check_pad(self.method, self.kernel, self.pad)
         self.ceil = self._ceil_mode(p)
         self.sample_at_train = self.phase == caffe_pb2.TRAIN
+        self._geometry_for: torch.Size | None = None  # the bottom shape _geometry is for
+        self._geometry: tuple[Pair, Pair] = ((0, 0), (0, 0))  # (kernel, output size)
 
     def _pair(self, p: caffe_pb2.PoolingParameter, both: str, h: str, w: str,
               default: int | None) -> Pair:
@@ -228,9 +230,12 @@ class Pooling(_PoolingChecks):
         return not floor_round and p.ceil_mode
 
     def forward(self, x: torch.Tensor):
-        self._check_bottom(x)
-        kernel = self.kernel or tuple(x.shape[-2:])
-        out = self._out_size(x, kernel, self.stride, self.pad, self.ceil)
+        if x.shape != self._geometry_for:  # checked and sized once per bottom shape
+            self._check_bottom(x)
+            kernel = self.kernel or tuple(x.shape[-2:])
+            self._geometry = kernel, self._out_size(x, kernel, self.stride, self.pad, self.ceil)
+            self._geometry_for = x.shape
+        kernel, out = self._geometry
         top, mask = pool2d(x, self.method, kernel, self.stride, self.pad, out, ceil=self.ceil,
                            train=self.sample_at_train, with_mask=self.num_tops == 2)
         return top if mask is None else (top, mask)
