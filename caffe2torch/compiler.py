@@ -37,10 +37,10 @@ class Step:
     loss_weights: list[float]     # one per top; all zero for layers outside the loss
     propagate_down: list[bool]    # one per bottom
     is_input: bool
+    has_loss: bool = field(init=False)  # any loss weight: read at every call of the step
 
-    @property
-    def has_loss(self) -> bool:
-        return any(self.loss_weights)
+    def __post_init__(self) -> None:
+        self.has_loss = any(self.loss_weights)
 
 
 @dataclass

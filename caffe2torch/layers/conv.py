@@ -302,7 +302,7 @@ class _ConvolutionBase(CaffeLayer):
         (the late layers of ResNet-50 and MobileNet, where a training step peaks) and
         measures as fast or faster (scripts/bench_net.py).
         """
-        if (y.device.type != "cpu" or not torch.is_grad_enabled() or torch.jit.is_tracing()
+        if (not torch.is_grad_enabled() or y.device.type != "cpu" or torch.jit.is_tracing()
                 or not (weight.requires_grad or (bias is not None and bias.requires_grad))):
             return None
         if _exact_weight_grads[0]:
