@@ -52,6 +52,37 @@ def test_torch_compile_matches_eager(lenet):
     torch.testing.assert_close(compiled(x), lenet(x), rtol=1e-5, atol=1e-6)
 
 
+def test_torch_compile_training_step_matches_eager(tmp_path, monkeypatch):
+    """Gradients through torch.compile equal eager ones, including convolutions whose weight
+    gradient is the patch GEMM (few output pixels per filter, as in a net's last layers)."""
+    from caffe2torch.layers import conv
+
+    gemm, calls = conv._patch_gemm, []
+    monkeypatch.setattr(conv, "_patch_gemm", lambda *args: calls.append(1) or gemm(*args))
+    path = tmp_path / "net.prototxt"
+    path.write_text(
+        'layer { name: "data" type: "Input" top: "data" '
+        'input_param { shape { dim: 2 dim: 8 dim: 4 dim: 4 } } }\n'
+        'layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { '
+        'num_output: 64 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.1 } } }\n'
+        'layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }\n'
+        'layer { name: "c2" type: "Convolution" bottom: "c1" top: "c2" convolution_param { '
+        'num_output: 40 kernel_size: 1 weight_filler { type: "gaussian" std: 0.1 } } }\n')
+    model = caffe2torch.load(path)
+    model.use_channels_last(True)  # the CPU default, unless CAFFE2TORCH_CHANNELS_LAST=0
+    x = _input(model)
+
+    def step(module: torch.nn.Module) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        out = module(x)
+        out.square().sum().backward()
+        return [out.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    for got, expected in zip(step(torch.compile(model)), step(model)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 4  # both convolutions, compiled and eager
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
 def test_onnx_export_runs_in_onnxruntime(lenet):
     x = _input(lenet)
