@@ -298,9 +298,9 @@ class _ConvolutionBase(CaffeLayer):
 
         ``_image_by_image`` under ``set_exact_weight_grads(True)``; ``_patch_gemm`` for a
         channels-last, one-group convolution whose patch matrix (N*Ho*Wo rows) has no more
-        rows than the weight has filters: it then takes less memory than the copy it saves
-        (the late layers of ResNet-50 and MobileNet, where a training step peaks) and
-        measures as fast or faster (scripts/bench_net.py).
+        rows than the weight has filters, so that it is no larger than the weight gradient
+        whose second copy it saves: the late layers of ResNet-50 and MobileNet, where a
+        training step peaks. There it also measured as fast or faster (scripts/bench_net.py).
         """
         if (not torch.is_grad_enabled() or y.device.type != "cpu" or torch.jit.is_tracing()
                 or not (weight.requires_grad or (bias is not None and bias.requires_grad))):
