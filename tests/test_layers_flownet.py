@@ -1,5 +1,5 @@
-"""FlowNet2's layers (caffe2torch/layers/fork_flownet.py): Correlation, FlowWarp, Resample,
-Accum and DataAugmentation.
+"""FlowNet2's layers (caffe2torch/layers/fork_flownet.py): Correlation, Correlation1D,
+FlowWarp, Resample, Accum and DataAugmentation.
 
 OpenCV's dnn (an independent implementation) is the reference for OpenCV's nine FlowNet2
 test nets of the corpus and wherever it computes what the fork computes. Where it does
@@ -159,6 +159,75 @@ def test_correlation_gradcheck(kind: str) -> None:
                       'correlation_param { pad: 2 kernel_size: 3 max_displacement: 2 stride_1: 2 '
                       f'stride_2: 2 correlation_type: {kind} }}', [shape, shape])
     gen = torch.Generator().manual_seed(1)
+    a = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(corr, (a, b))
+
+
+def correlation_1d_reference(a, b, pad, kernel, max_disp, stride1, stride2, direction=0,
+                             subtract=False):
+    """correlation_layer1d.cu (CorrelateData / CorrelateDataSubtract), one value at a time;
+    reads left of the padded row (``direction`` -1 at the left edge) are 0."""
+    extra = stride2
+    a = np.pad(a, ((0, 0), (0, 0), (0, 0), (pad + extra, pad)))
+    b = np.pad(b, ((0, 0), (0, 0), (0, 0), (pad + extra, pad)))
+    n, c, h, wp = a.shape
+    radius, k_radius = max_disp // stride2, (kernel - 1) // 2
+    out_h = math.ceil((h - 2 * k_radius) / stride1)
+    out_w = math.ceil((wp - extra - 2 * (max_disp + k_radius)) / stride1)
+    width = radius + 1 if direction else 2 * radius + 1
+    shift = {0: -radius, 1: 0, -1: -width}[direction]
+    out = np.zeros((n, width, out_h, out_w), F32)
+    for ch in range(width):
+        s2o = (ch + shift) * stride2
+        for y in range(out_h):
+            for x in range(out_w):
+                y1, x1 = y * stride1, x * stride1 + max_disp + extra
+                p1 = a[:, :, y1:y1 + kernel, x1:x1 + kernel].astype(np.float64)
+                p2 = b[:, :, y1:y1 + kernel, x1 + s2o:x1 + s2o + kernel]
+                value = np.abs(p1 - p2) if subtract else p1 * p2
+                out[:, ch, y, x] = value.sum((1, 2, 3)) / (kernel * kernel * c)
+    return out
+
+
+CORRELATIONS_1D = {  # correlation_param, bottom shape
+    "dispnet_like": (dict(pad=4, kernel_size=1, max_displacement=4, stride_1=1, stride_2=1),
+                     (2, 5, 3, 11)),
+    "kernel3_strides_right": (dict(pad=2, kernel_size=3, max_displacement=4, stride_1=2,
+                                   stride_2=2, single_direction=1), (1, 3, 7, 12)),
+    "left": (dict(pad=3, kernel_size=1, max_displacement=3, stride_1=1, stride_2=1,
+                  single_direction=-1), (1, 4, 4, 9)),
+    "left_stride2_subtract": (dict(pad=0, kernel_size=3, max_displacement=4, stride_1=1,
+                                   stride_2=2, single_direction=-1,
+                                   correlation_type="SUBTRACT"), (2, 2, 5, 13)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRELATIONS_1D))
+def test_correlation_1d_matches_the_fork_kernel(case: str, tmp_path: Path) -> None:
+    """Correlation1D (not in OpenCV): horizontal displacements only, no vertical padding."""
+    params, shape = CORRELATIONS_1D[case]
+    feed = {"a": normal(*shape), "b": normal(*shape)}
+    text = " ".join(f"{k}: {v}" for k, v in params.items())
+    net, _ = build(tmp_path, "Correlation1D", {n: shape for n in feed},
+                   f"correlation_param {{ {text} }}")
+    expected = correlation_1d_reference(
+        feed["a"], feed["b"], params["pad"], params["kernel_size"], params["max_displacement"],
+        params["stride_1"], params["stride_2"], params.get("single_direction", 0),
+        params.get("correlation_type") == "SUBTRACT")
+    ours = forward(net, feed)
+    assert ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, **TOL)
+
+
+@pytest.mark.parametrize("kind", ["MULTIPLY", "SUBTRACT"])
+def test_correlation_1d_gradcheck(kind: str) -> None:
+    shape = (1, 2, 4, 9)
+    corr = make_layer('name: "y" type: "Correlation1D" bottom: "a" bottom: "b" top: "y" '
+                      'correlation_param { pad: 1 kernel_size: 3 max_displacement: 2 stride_1: 2 '
+                      f'stride_2: 1 single_direction: -1 correlation_type: {kind} }}',
+                      [shape, shape])
+    gen = torch.Generator().manual_seed(2)
     a = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(corr, (a, b))
@@ -484,6 +553,11 @@ BAD = [
      "Correlation1D"),
     ("Correlation", {"a": (1, 2, 6, 6), "b": (1, 2, 6, 6)},
      "correlation_param { kernel_size: 1 max_displacement: 3 }", "too small"),
+    ("Correlation1D", {"a": (1, 2, 6, 6), "b": (1, 2, 6, 6)},
+     "correlation_param { kernel_size: 1 max_displacement: 1 single_direction: 2 }",
+     "must be -1 \\(left\\), 0 \\(both ways\\) or 1 \\(right\\), got 2"),
+    ("Correlation1D", {"a": (1, 2, 6, 6), "b": (1, 2, 6, 6)},
+     "correlation_param { kernel_size: 3 max_displacement: 2 }", "too small"),
     ("Correlation", {"a": (1, 2, 6, 6), "b": (1, 3, 6, 6)},
      "correlation_param { kernel_size: 1 max_displacement: 1 }", "same shape"),
     ("FlowWarp", {"i": (1, 3, 4, 4), "f": (1, 3, 4, 4)}, "", "flow"),

@@ -1,5 +1,5 @@
-"""The FlowNet2 fork's layers (lmb-freiburg/flownet2): Correlation, FlowWarp, Resample, Accum
-and DataAugmentation.
+"""The FlowNet2 fork's layers (lmb-freiburg/flownet2): Correlation, Correlation1D, FlowWarp,
+Resample, Accum and DataAugmentation.
 
 Each follows the fork's own definition (``src/caffe/layers/*_layer.{cpp,cu}`` of
 lmb-freiburg/flownet2, whose forward passes are CUDA kernels), with the positions and
@@ -11,6 +11,8 @@ weights computed in float32 as the kernels compute them:
   bottoms zero padded by ``pad``; patch corners at ``(y * stride_1 + max_displacement,
   x * stride_1 + max_displacement)``, output size ``ceil((H + 2 pad - 2 border) /
   stride_1)`` with ``border = max_displacement + (kernel_size - 1) / 2``.
+* ``Correlation1D`` (correlation_layer1d.cu, DispNet): the same along x only, see the
+  class docstring.
 * ``FlowWarp`` (flow_warp_layer.cu): ``out(x, y) = bilinear(image, x + u, y + v)`` where
   ``0 <= x + u < W`` and ``0 <= y + v < H`` (the right/bottom neighbour clamped to the last
   column/row), else the fill value (0, or NaN for ``fill_value: NOT_A_NUMBER``).
@@ -99,16 +101,12 @@ def _check_4d(layer: CaffeLayer, shape, which: str = "bottom") -> None:
 
 # -- Correlation ---------------------------------------------------------------------------
 
-@register("Correlation")
-class Correlation(CaffeLayer):
-    """FlowNet's correlation of two feature maps (``correlation_param``), MULTIPLY or SUBTRACT.
+class _CorrelationBase(CaffeLayer):
+    """``correlation_param`` and the patch correlation shared by Correlation and Correlation1D.
 
-    ``top[d, y, x] = mean over j, i < kernel_size and channels c of
-    f(a[c, y1 + j, x1 + i], b[c, y1 + dy + j, x1 + dx + i])`` on the zero-padded bottoms,
-    ``(y1, x1) = (y, x) * stride_1 + max_displacement``, ``f = a * b`` or ``|a - b|``, and
-    ``d = (dy / stride_2 + R) * (2R + 1) + dx / stride_2 + R`` with
-    ``R = max_displacement / stride_2``. ``do_abs`` is read but not used by the fork's
-    Correlation (only Correlation1D, a separate type, uses it and ``single_direction``).
+    ``f = a * b`` (MULTIPLY) or ``|a - b|`` (SUBTRACT) is averaged over a
+    ``kernel_size``^2 x C patch; ``R = max_displacement / stride_2`` displacements of
+    ``stride_2`` pixels each way. ``do_abs`` is read but not used by the fork's kernels.
     """
 
     min_bottoms = max_bottoms = 2
@@ -128,58 +126,124 @@ class Correlation(CaffeLayer):
         for name, value in (("stride_1", self.stride1), ("stride_2", self.stride2)):
             if value < 1:
                 raise self.error(f"correlation_param.{name} must be positive, got {value}")
-        if p.single_direction:
-            raise self.error(f"correlation_param.single_direction ({p.single_direction}) belongs "
-                             f"to the fork's Correlation1D layer, which is not implemented; "
-                             f"Correlation compares all 2-D displacements")
+        self.single_direction = int(p.single_direction)
         self.subtract = p.correlation_type == caffe_pb2.CorrelationParameter.SUBTRACT
         self.radius = self.max_disp // self.stride2
         self.border = self.max_disp + (self.kernel - 1) // 2
 
-    def _out_size(self, size: int) -> int:
-        return -(-(size + 2 * self.pad - 2 * self.border) // self.stride1)
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _check_bottoms(self, a: torch.Tensor, b: torch.Tensor, out_h: int, out_w: int) -> None:
         _check_4d(self, a.shape)
         if a.shape != b.shape:
             raise self.error(f"both bottoms must have the same shape, got {list(a.shape)} and "
                              f"{list(b.shape)}")
-        out_h, out_w = self._out_size(a.shape[2]), self._out_size(a.shape[3])
         if out_h < 1 or out_w < 1:
             raise self.error(f"the {a.shape[2]}x{a.shape[3]} bottoms (padded by {self.pad}) are "
                              f"too small for max_displacement {self.max_disp} and kernel_size "
                              f"{self.kernel}: the output would be {out_h}x{out_w}")
-        if self.pad:
-            a = F.pad(a, (self.pad,) * 4)
-            b = F.pad(b, (self.pad,) * 4)
-        k, s1, md, s2 = self.kernel, self.stride1, self.max_disp, self.stride2
+
+    def _correlate(self, a: torch.Tensor, b: torch.Tensor, out_h: int, out_w: int,
+                   origin: tuple[int, int], row_shifts: list[int],
+                   col_shifts: list[int]) -> torch.Tensor:
+        """One channel per (row shift, column shift), row shift major: the patch of ``a`` at
+        ``origin + (y, x) * stride_1`` against the patch of ``b`` that far from it."""
+        k, s1 = self.kernel, self.stride1
+        y0, x0 = origin
         # Products are needed at the patch pixels: every pixel of the span for a k x k patch,
         # only the strided patch corners for a 1 x 1 patch.
         step = s1 if k == 1 else 1
         span_h, span_w = (out_h - 1) * s1 + k, (out_w - 1) * s1 + k
-        first = a[:, :, md:md + span_h:step, md:md + span_w:step]
+        first = a[:, :, y0:y0 + span_h:step, x0:x0 + span_w:step]
         n, channels, rows, cols = first.shape
-        shifts = torch.arange(-self.radius, self.radius + 1) * s2
         maps = []
         if self.subtract:
-            for dy in shifts.tolist():
-                for dx in shifts.tolist():
-                    second = b[:, :, md + dy:md + dy + span_h:step, md + dx:md + dx + span_w:step]
+            for dy in row_shifts:
+                for dx in col_shifts:
+                    second = b[:, :, y0 + dy:y0 + dy + span_h:step,
+                               x0 + dx:x0 + dx + span_w:step]
                     maps.append((first - second).abs().sum(1))
             corr = torch.stack(maps, 1)
         else:
             # Per row shift: all (x, x') channel dot products of a row pair in one matmul,
             # then the x' = x + dx ones.
             lhs = first.permute(0, 2, 3, 1)
-            index = (md + torch.arange(cols)[:, None] * step + shifts).to(a.device)
-            index = index.expand(n, rows, cols, len(shifts))
-            for dy in shifts.tolist():
-                rhs = b[:, :, md + dy:md + dy + span_h:step, :].permute(0, 2, 1, 3)
+            index = (x0 + torch.arange(cols)[:, None] * step + torch.tensor(col_shifts))
+            index = index.to(a.device).expand(n, rows, cols, len(col_shifts))
+            for dy in row_shifts:
+                rhs = b[:, :, y0 + dy:y0 + dy + span_h:step, :].permute(0, 2, 1, 3)
                 maps.append(torch.matmul(lhs, rhs).gather(3, index))
             corr = torch.stack(maps, 3).flatten(3).permute(0, 3, 1, 2)
         if k > 1:
             corr = F.avg_pool2d(corr, k, stride=s1, divisor_override=1)
         return corr / (k * k * channels)
+
+
+@register("Correlation")
+class Correlation(_CorrelationBase):
+    """FlowNet's correlation of two feature maps (correlation_layer.cu), MULTIPLY or SUBTRACT.
+
+    ``top[d, y, x] = mean over j, i < kernel_size and channels c of
+    f(a[c, y1 + j, x1 + i], b[c, y1 + dy + j, x1 + dx + i])`` on the zero-padded bottoms,
+    ``(y1, x1) = (y, x) * stride_1 + max_displacement``, and
+    ``d = (dy / stride_2 + R) * (2R + 1) + dx / stride_2 + R``.
+    """
+
+    def __init__(self, spec: LayerSpec):
+        super().__init__(spec)
+        if self.single_direction:
+            raise self.error(f"correlation_param.single_direction ({self.single_direction}) "
+                             f"belongs to the fork's Correlation1D layer; Correlation compares "
+                             f"all 2-D displacements")
+
+    def _out_size(self, size: int) -> int:
+        return -(-(size + 2 * self.pad - 2 * self.border) // self.stride1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out_h, out_w = self._out_size(a.shape[2]), self._out_size(a.shape[3])
+        self._check_bottoms(a, b, out_h, out_w)
+        if self.pad:
+            a = F.pad(a, (self.pad,) * 4)
+            b = F.pad(b, (self.pad,) * 4)
+        shifts = [d * self.stride2 for d in range(-self.radius, self.radius + 1)]
+        return self._correlate(a, b, out_h, out_w, (self.max_disp, self.max_disp), shifts,
+                               shifts)
+
+
+@register("Correlation1D")
+class Correlation1D(_CorrelationBase):
+    """DispNet's horizontal correlation (correlation_layer1d.cu of the same fork).
+
+    The bottoms are zero padded by ``pad`` left and right only, patches start at
+    ``(y1, x1) = (y * stride_1, x * stride_1 + max_displacement)`` and are compared with
+    the patches ``dx = o * stride_2`` to the right: ``top[o', y, x] = mean over j, i and c of
+    f(a[c, y1 + j, x1 + i], b[c, y1 + j, x1 + dx + i])``, with o from -R to R
+    (``single_direction: 0``), from 0 to R (``1``, rightwards) or from -(R + 1) to -1
+    (``-1``, the fork's leftward range; at the left edge its kernel then reads up to
+    ``stride_2`` pixels before the padded row, which here are 0). The output is
+    ``ceil((H - 2r) / stride_1) x ceil((W + 2 pad - 2 border) / stride_1)``, r the kernel
+    radius and ``border = max_displacement + r``. The fork has GPU kernels only; the
+    gradients are the exact ones of this forward.
+    """
+
+    def __init__(self, spec: LayerSpec):
+        super().__init__(spec)
+        if self.single_direction not in (-1, 0, 1):
+            raise self.error(f"correlation_param.single_direction must be -1 (left), 0 (both "
+                             f"ways) or 1 (right), got {self.single_direction}")
+        first = {0: -self.radius, 1: 0, -1: -self.radius - 1}[self.single_direction]
+        count = 2 * self.radius + 1 if self.single_direction == 0 else self.radius + 1
+        self.offsets = list(range(first, first + count))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out_h = -(-(a.shape[2] - (self.kernel - 1)) // self.stride1)
+        out_w = -(-(a.shape[3] + 2 * self.pad - 2 * self.border) // self.stride1)
+        self._check_bottoms(a, b, out_h, out_w)
+        # Extra zeros on the left for the leftward range's reads before the padded row.
+        extra = self.stride2 if self.single_direction == -1 else 0
+        if self.pad or extra:
+            a = F.pad(a, (self.pad + extra, self.pad))
+            b = F.pad(b, (self.pad + extra, self.pad))
+        shifts = [o * self.stride2 for o in self.offsets]
+        return self._correlate(a, b, out_h, out_w, (0, self.max_disp + extra), [0], shifts)
 
 
 # -- FlowWarp ------------------------------------------------------------------------------
