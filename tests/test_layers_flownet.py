@@ -89,28 +89,38 @@ def test_corpus_net_matches_opencv(name: str, tmp_path: Path) -> None:
 
 # -- Correlation --------------------------------------------------------------------------
 
+def patch_correlation(a, b, kernel, subtract, shape, corner, offset):
+    """The fork's kernels one output value at a time: for output channel ``ch`` at (y, x),
+    the mean of f over the patch of ``a`` at ``corner(y, x)`` and the patch of ``b``
+    ``offset(ch)`` = (dy, dx) from it."""
+    n, c = a.shape[:2]
+    out = np.zeros((n, *shape), F32)
+    for ch in range(shape[0]):
+        dy, dx = offset(ch)
+        for y in range(shape[1]):
+            for x in range(shape[2]):
+                y1, x1 = corner(y, x)
+                p1 = a[:, :, y1:y1 + kernel, x1:x1 + kernel].astype(np.float64)
+                p2 = b[:, :, y1 + dy:y1 + dy + kernel, x1 + dx:x1 + dx + kernel]
+                value = np.abs(p1 - p2) if subtract else p1 * p2
+                out[:, ch, y, x] = value.sum((1, 2, 3)) / (kernel * kernel * c)
+    return out
+
+
 def correlation_reference(a, b, pad, kernel, max_disp, stride1, stride2, subtract=False):
-    """correlation_layer.cu, one output value at a time."""
+    """correlation_layer.cu."""
     a = np.pad(a, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     b = np.pad(b, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    n, c, hp, wp = a.shape
+    hp, wp = a.shape[2:]
     border = max_disp + (kernel - 1) // 2
     out_h = math.ceil((hp - 2 * border) / stride1)
     out_w = math.ceil((wp - 2 * border) / stride1)
     radius = max_disp // stride2
     grid = 2 * radius + 1
-    out = np.zeros((n, grid * grid, out_h, out_w), F32)
-    for ch in range(grid * grid):
-        s2o = (ch % grid - radius) * stride2
-        s2p = (ch // grid - radius) * stride2
-        for y in range(out_h):
-            for x in range(out_w):
-                y1, x1 = y * stride1 + max_disp, x * stride1 + max_disp
-                p1 = a[:, :, y1:y1 + kernel, x1:x1 + kernel].astype(np.float64)
-                p2 = b[:, :, y1 + s2p:y1 + s2p + kernel, x1 + s2o:x1 + s2o + kernel]
-                value = np.abs(p1 - p2) if subtract else p1 * p2
-                out[:, ch, y, x] = value.sum((1, 2, 3)) / (kernel * kernel * c)
-    return out
+    return patch_correlation(
+        a, b, kernel, subtract, (grid * grid, out_h, out_w),
+        lambda y, x: (y * stride1 + max_disp, x * stride1 + max_disp),
+        lambda ch: ((ch // grid - radius) * stride2, (ch % grid - radius) * stride2))
 
 
 CORRELATIONS = {  # correlation_param, bottom shape
@@ -166,28 +176,21 @@ def test_correlation_gradcheck(kind: str) -> None:
 
 def correlation_1d_reference(a, b, pad, kernel, max_disp, stride1, stride2, direction=0,
                              subtract=False):
-    """correlation_layer1d.cu (CorrelateData / CorrelateDataSubtract), one value at a time;
-    reads left of the padded row (``direction`` -1 at the left edge) are 0."""
+    """correlation_layer1d.cu (CorrelateData / CorrelateDataSubtract); reads left of the
+    padded row (``direction`` -1 at the left edge) are 0."""
     extra = stride2
     a = np.pad(a, ((0, 0), (0, 0), (0, 0), (pad + extra, pad)))
     b = np.pad(b, ((0, 0), (0, 0), (0, 0), (pad + extra, pad)))
-    n, c, h, wp = a.shape
+    h, wp = a.shape[2:]
     radius, k_radius = max_disp // stride2, (kernel - 1) // 2
     out_h = math.ceil((h - 2 * k_radius) / stride1)
     out_w = math.ceil((wp - extra - 2 * (max_disp + k_radius)) / stride1)
     width = radius + 1 if direction else 2 * radius + 1
     shift = {0: -radius, 1: 0, -1: -width}[direction]
-    out = np.zeros((n, width, out_h, out_w), F32)
-    for ch in range(width):
-        s2o = (ch + shift) * stride2
-        for y in range(out_h):
-            for x in range(out_w):
-                y1, x1 = y * stride1, x * stride1 + max_disp + extra
-                p1 = a[:, :, y1:y1 + kernel, x1:x1 + kernel].astype(np.float64)
-                p2 = b[:, :, y1:y1 + kernel, x1 + s2o:x1 + s2o + kernel]
-                value = np.abs(p1 - p2) if subtract else p1 * p2
-                out[:, ch, y, x] = value.sum((1, 2, 3)) / (kernel * kernel * c)
-    return out
+    return patch_correlation(
+        a, b, kernel, subtract, (width, out_h, out_w),
+        lambda y, x: (y * stride1, x * stride1 + max_disp + extra),
+        lambda ch: (0, (ch + shift) * stride2))
 
 
 CORRELATIONS_1D = {  # correlation_param, bottom shape
