@@ -256,6 +256,7 @@ class _ConvolutionBase(CaffeLayer):
         self.conf = (list(g.stride) or [1], list(g.pad) or [0], list(g.dilation) or [1],
                      self.transposed, [0] * max(len(g.kernel), 1), self.groups)
         self._checked_shape: torch.Size | None = None  # the last bottom shape found valid
+        self._patch_rows = 0  # output pixels of that whole batch: _patch_gemm's matrix rows
         self.channels_last = False  # set by the net (caffe2torch.layout), with the weight's layout
 
     def _check_bottom(self, x: torch.Tensor) -> None:
@@ -271,7 +272,8 @@ class _ConvolutionBase(CaffeLayer):
         g = self.geometry
         if x.shape != self._checked_shape:
             self._check_bottom(x)
-            self._check_output(tuple(x.shape[g.channel_axis + 1:]))
+            out = self._output_size(tuple(x.shape[g.channel_axis + 1:]))
+            self._patch_rows = math.prod(x.shape[:g.channel_axis]) * math.prod(out)
             self._checked_shape = x.shape
         y = x if g.channel_axis == 1 else x.reshape(-1, *x.shape[g.channel_axis:])
         if self.channels_last and not torch.jit.is_tracing():  # traced graphs stay layout-free
@@ -307,14 +309,14 @@ class _ConvolutionBase(CaffeLayer):
             return None
         if _exact_weight_grads[0]:
             return _image_by_image if self.precise_weight_grad else None
-        if self.channels_last and self.groups == 1 and not self.transposed:
-            out = self.geometry.conv_out(self, y.shape[2:])
-            if y.shape[0] * out[0] * out[1] <= self.num_output:
-                return _patch_gemm
+        if (self.channels_last and self.groups == 1 and not self.transposed
+                and self._patch_rows <= self.num_output):
+            return _patch_gemm
         return None
 
-    def _check_output(self, spatial: tuple[int, ...]) -> None:
-        """Raise a NetError when the output for these spatial sizes would be empty."""
+    def _output_size(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        """The top's spatial sizes for these bottom sizes; a NetError when one would be
+        empty."""
         raise NotImplementedError
 
     def forward(self, *bottoms: torch.Tensor):
@@ -327,8 +329,8 @@ class _ConvolutionBase(CaffeLayer):
 class Convolution(_ConvolutionBase):
     """Caffe's cross-correlation; weight (num_output, C/group, k...), output size floored."""
 
-    def _check_output(self, spatial: tuple[int, ...]) -> None:
-        self.geometry.conv_out(self, spatial)
+    def _output_size(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        return self.geometry.conv_out(self, spatial)
 
 
 @register("Deconvolution", "DECONVOLUTION")
@@ -341,13 +343,16 @@ class Deconvolution(_ConvolutionBase):
 
     transposed = True
 
-    def _check_output(self, spatial: tuple[int, ...]) -> None:
+    def _output_size(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
         g = self.geometry
+        sizes = []
         for i, size in enumerate(spatial):
             out = g.stride[i] * (size - 1) + g.extent(i) - 2 * g.pad[i]
             if out <= 0:
                 raise self.error(f"output size on spatial axis {i} must be positive, got {out} "
                                  f"(stride*(in-1) + extent - 2*pad with in={size})")
+            sizes.append(out)
+        return tuple(sizes)
 
 
 @register("Im2col", "IM2COL")
