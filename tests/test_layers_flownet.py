@@ -561,6 +561,8 @@ BAD = [
      "must be -1 \\(left\\), 0 \\(both ways\\) or 1 \\(right\\), got 2"),
     ("Correlation1D", {"a": (1, 2, 6, 6), "b": (1, 2, 6, 6)},
      "correlation_param { kernel_size: 3 max_displacement: 2 }", "too small"),
+    ("Correlation1D", {"a": (1, 2, 6), "b": (1, 2, 6)},
+     "correlation_param { kernel_size: 1 max_displacement: 1 }", "4-D bottom"),
     ("Correlation", {"a": (1, 2, 6, 6), "b": (1, 3, 6, 6)},
      "correlation_param { kernel_size: 1 max_displacement: 1 }", "same shape"),
     ("FlowWarp", {"i": (1, 3, 4, 4), "f": (1, 3, 4, 4)}, "", "flow"),

@@ -131,15 +131,25 @@ class _CorrelationBase(CaffeLayer):
         self.radius = self.max_disp // self.stride2
         self.border = self.max_disp + (self.kernel - 1) // 2
 
-    def _check_bottoms(self, a: torch.Tensor, b: torch.Tensor, out_h: int, out_w: int) -> None:
+    def _padded_out(self, size: int) -> int:
+        """Output extent along an axis padded by ``pad`` with ``border`` unreachable each side."""
+        return -(-(size + 2 * self.pad - 2 * self.border) // self.stride1)
+
+    def _out_hw(self, height: int, width: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _output_size(self, a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
+        """The top's (H, W) for these bottoms, after checking their shapes."""
         _check_4d(self, a.shape)
         if a.shape != b.shape:
             raise self.error(f"both bottoms must have the same shape, got {list(a.shape)} and "
                              f"{list(b.shape)}")
+        out_h, out_w = self._out_hw(a.shape[2], a.shape[3])
         if out_h < 1 or out_w < 1:
             raise self.error(f"the {a.shape[2]}x{a.shape[3]} bottoms (padded by {self.pad}) are "
                              f"too small for max_displacement {self.max_disp} and kernel_size "
                              f"{self.kernel}: the output would be {out_h}x{out_w}")
+        return out_h, out_w
 
     def _correlate(self, a: torch.Tensor, b: torch.Tensor, out_h: int, out_w: int,
                    origin: tuple[int, int], row_shifts: list[int],
@@ -194,12 +204,11 @@ class Correlation(_CorrelationBase):
                              f"belongs to the fork's Correlation1D layer; Correlation compares "
                              f"all 2-D displacements")
 
-    def _out_size(self, size: int) -> int:
-        return -(-(size + 2 * self.pad - 2 * self.border) // self.stride1)
+    def _out_hw(self, height: int, width: int) -> tuple[int, int]:
+        return self._padded_out(height), self._padded_out(width)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out_h, out_w = self._out_size(a.shape[2]), self._out_size(a.shape[3])
-        self._check_bottoms(a, b, out_h, out_w)
+        out_h, out_w = self._output_size(a, b)
         if self.pad:
             a = F.pad(a, (self.pad,) * 4)
             b = F.pad(b, (self.pad,) * 4)
@@ -233,10 +242,12 @@ class Correlation1D(_CorrelationBase):
         count = 2 * self.radius + 1 if self.single_direction == 0 else self.radius + 1
         self.offsets = list(range(first, first + count))
 
+    def _out_hw(self, height: int, width: int) -> tuple[int, int]:
+        # Rows: no padding, only the kernel radius unreachable each side.
+        return -(-(height - (self.kernel - 1)) // self.stride1), self._padded_out(width)
+
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out_h = -(-(a.shape[2] - (self.kernel - 1)) // self.stride1)
-        out_w = -(-(a.shape[3] + 2 * self.pad - 2 * self.border) // self.stride1)
-        self._check_bottoms(a, b, out_h, out_w)
+        out_h, out_w = self._output_size(a, b)
         # Extra zeros on the left for the leftward range's reads before the padded row.
         extra = self.stride2 if self.single_direction == -1 else 0
         if self.pad or extra:
