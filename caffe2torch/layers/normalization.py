@@ -10,6 +10,13 @@ from .base import LayerSpec
 from .registry import register
 
 
+def _divided(mean_sum: torch.Tensor, var_sum: torch.Tensor,
+             factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sums over the factor, or zeros where it is 0, without a host read."""
+    scale = torch.where(factor == 0, 0.0, factor.reciprocal())
+    return mean_sum * scale, var_sum * scale
+
+
 @register("BatchNorm")
 class BatchNorm(NeuronLayer):
     """Caffe's BatchNorm (batch_norm_layer.cpp): normalisation only, no affine.
@@ -56,21 +63,20 @@ class BatchNorm(NeuronLayer):
         the factor (zeros when it is 0)."""
         blobs = self.blobs
         mean_sum, var_sum, factor = blobs[0], blobs[1], blobs[2]
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            scale = torch.where(factor == 0, 0.0, factor.reciprocal())
-            return mean_sum * scale, var_sum * scale
-        if factor.is_cpu:
+        traced = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if factor.is_cpu and not traced:
             # A host read of the factor instead of a tensor compare and select (fewer ops).
             scale = torch.zeros_like(factor) if factor.item() == 0 else factor.reciprocal()
             return mean_sum * scale, var_sum * scale
+        if traced:
+            return _divided(mean_sum, var_sum, factor)
         # On a GPU each op is a kernel launch, which dominates small batches: keep the
         # result until a blob changes (every write to a device tensor bumps its version;
         # on the CPU, numpy views of the blobs can write without one).
         key = tuple((t.data_ptr(), t._version) for t in (mean_sum, var_sum, factor))
         if self._stats_key != key:
             with torch.no_grad():
-                scale = torch.where(factor == 0, 0.0, factor.reciprocal())
-                self._stats = (mean_sum * scale, var_sum * scale)
+                self._stats = _divided(mean_sum, var_sum, factor)
             self._stats_key = key
         return self._stats
 
